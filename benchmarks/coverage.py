@@ -1,0 +1,99 @@
+"""Coverage of torchvision's classification models: for each, analyze, slim 3 random
+configurations on each side, and check (a) the slim model equals the masked supernet
+(max |diff| <= 1e-4 * max |y|, checked inside cz.slim) and (b) the cost model's FLOPs and
+parameters equal FlopCounterMode's and the parameter count of the slim model.
+
+    python benchmarks/coverage.py [--models resnet18,vgg11_bn] [--size 64] [--timeout 900]
+
+Each model runs in its own process (a crash or a timeout costs one row). Writes
+benchmarks/results/coverage.json and prints a markdown table.
+"""
+import argparse
+import json
+import multiprocessing as mp
+import time
+
+from common import machine_info, write_result
+
+# Models whose forward needs a particular input size.
+INPUT_SIZE = {"inception_v3": 96, "googlenet": 64, "maxvit_t": 224}
+
+
+def input_size(name, default):
+    if name.startswith("vit_"):
+        return 224
+    return INPUT_SIZE.get(name, default)
+
+
+def check_model(name, size, queue):
+    import torch
+    import torchvision
+    import compressor as cz
+
+    torch.manual_seed(0)
+    row = {"model": name, "input": size}
+    try:
+        t0 = time.time()
+        model = torchvision.models.get_model(name, weights=None).eval()
+        x = torch.randn(1, 3, size, size)
+        space = cz.analyze(model, x)
+        row.update(groups=len(space), frozen=len(space.frozen), analyze_s=round(time.time() - t0, 1))
+        parity = cost = 0
+        for side in ("left", "right"):
+            for seed in range(3):
+                cfg = space.random(seed=seed)
+                small = cz.slim(model, space, cfg, side).eval()  # raises on a parity failure
+                parity += 1
+                cost += (cz.measure_flops(small, x) == space.flops(cfg)
+                         and cz.count_params(small) == space.params(cfg))
+        row.update(status="ok" if cost == 6 else "cost mismatch", parity=f"{parity}/6", cost_match=f"{cost}/6")
+    except cz.UnsupportedModelError as e:
+        row.update(status="unsupported", reason=str(e)[:300], module=e.module, op=e.op)
+    except Exception as e:  # an unexpected failure is a row too, not a crash of the table
+        row.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}")
+    row["seconds"] = round(time.time() - t0, 1)
+    queue.put(row)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", help="comma-separated names (default: every classification model)")
+    parser.add_argument("--size", type=int, default=64, help="input size (some models need more)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per model")
+    parser.add_argument("--out", default="coverage.json")
+    args = parser.parse_args()
+
+    import torchvision
+    names = args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
+    ctx = mp.get_context("spawn")
+    rows = []
+    for name in names:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=check_model, args=(name, input_size(name, args.size), queue))
+        proc.start()
+        proc.join(args.timeout)
+        if proc.is_alive():
+            proc.kill()
+            row = {"model": name, "status": "timeout", "reason": f"over {args.timeout}s"}
+        elif queue.empty():
+            row = {"model": name, "status": "error", "reason": f"process died (exit code {proc.exitcode})"}
+        else:
+            row = queue.get()
+        rows.append(row)
+        print(f"{row['model']:28s} {row['status']:12s} {row.get('groups', '')!s:>4} {row.get('seconds', '')}", flush=True)
+    ok = sum(r["status"] == "ok" for r in rows)
+    summary = {"models": len(rows), "ok": ok,
+               "unsupported": sum(r["status"] == "unsupported" for r in rows),
+               "other": sum(r["status"] not in ("ok", "unsupported") for r in rows)}
+    write_result(args.out, {"summary": summary, "rows": rows, "machine": machine_info()})
+    print(f"\n{ok} of {len(rows)} models: parity and exact cost on 3 configurations x 2 sides\n")
+    print("| model | status | groups (frozen) | parity | cost match | reason |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        groups = f"{r['groups']} ({r['frozen']})" if "groups" in r else ""
+        print(f"| {r['model']} | {r['status']} | {groups} | {r.get('parity', '')} | {r.get('cost_match', '')} "
+              f"| {r.get('reason', '')[:120]} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Exact FLOPs and parameter counts of any width configuration, without a forward pass.
+
+Convention: one multiply-add is 2 FLOPs and only convolutions and matrix products count, exactly as
+`torch.utils.flop_counter.FlopCounterMode` counts them (biases, norms, activations and pooling are
+free). FLOPs are for one sample at the example input's spatial size.
+
+Every conv/linear/batch-norm dimension is an affine function of the group widths:
+    dim = fixed + sum_g multiplicity[g] * k_g
+so the cost of a configuration is a handful of small dense matrix products. Anything the formula
+does not model (attention matmuls, LayerNorm weights, ...) only ever touches frozen groups and is
+measured once on the full model as a constant.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .groups import layer_kind
+
+
+def measure_flops(model: nn.Module, example_input: torch.Tensor) -> int:
+    """FLOPs of one forward pass of `example_input` as FlopCounterMode counts them."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(example_input)
+    return int(counter.get_total_flops())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class _AffineDims:
+    """Rows of (fixed, per-group multiplicity) describing layer dimensions."""
+
+    def __init__(self, n_groups):
+        self.fixed, self.rows, self.n_groups = [], [], n_groups
+
+    def add(self, total, coverage):
+        row = np.zeros(self.n_groups)
+        for g, multiplicity, size in coverage:
+            row[g] += multiplicity
+            total -= multiplicity * size
+        self.fixed.append(total)
+        self.rows.append(row)
+
+    def add_constant(self, value):
+        self.add(value, ())
+
+    def arrays(self):
+        return np.array(self.fixed, dtype=np.float64), np.array(self.rows).reshape(-1, self.n_groups)
+
+
+class CostModel:
+    """FLOPs/params as functions of the vector of kept channels per group."""
+
+    def __init__(self, model: nn.Module, groups, example_input: torch.Tensor):
+        sample = example_input[:1]
+        coverage = {}  # (module name, role) -> [(group index, multiplicity, group size)]
+        for g, group in enumerate(groups):
+            for (mname, role), table in group.index.items():
+                coverage.setdefault((mname, role), []).append((g, table.shape[1], group.size))
+
+        calls = []  # (name, module, output elements per channel) for each conv/linear call
+        handles = []
+        for name, module in model.named_modules():
+            if layer_kind(module) in ("conv", "depthwise", "grouped_conv", "linear"):
+                # output elements per output channel of one sample: H*W for a conv, the
+                # number of rows (tokens) for a linear
+                handles.append(module.register_forward_hook(lambda m, i, o, name=name: calls.append(
+                    (name, m, o[0].numel() // (m.out_features if isinstance(m, nn.Linear) else m.out_channels)))))
+        try:
+            with torch.no_grad():
+                model(sample)
+        finally:
+            for h in handles:
+                h.remove()
+
+        n = len(groups)
+        f_out, f_in, f_coef = _AffineDims(n), _AffineDims(n), []
+        for name, module, per_channel in calls:
+            self._add_dims(module, name, coverage, f_out, f_in)
+            kernel = int(np.prod(module.kernel_size)) if hasattr(module, "kernel_size") else 1
+            f_coef.append(2 * per_channel * kernel)
+
+        p_out, p_in, p_coef, p_lin = _AffineDims(n), _AffineDims(n), [], []
+        for name, module in model.named_modules():
+            kind = layer_kind(module)
+            if kind in ("conv", "depthwise", "grouped_conv", "linear"):
+                self._add_dims(module, name, coverage, p_out, p_in)
+                p_coef.append(int(np.prod(module.kernel_size)) if hasattr(module, "kernel_size") else 1)
+                p_lin.append(1 if module.bias is not None else 0)
+            elif kind == "bn" and module.affine:
+                p_out.add(module.num_features, coverage.get((name, "out"), ()))
+                p_in.add_constant(0)  # no weight matrix: the in-dim term is zero
+                p_coef.append(0)
+                p_lin.append(2)
+
+        self.flop_out, self.flop_out_m = f_out.arrays()
+        self.flop_in, self.flop_in_m = f_in.arrays()
+        self.flop_coef = np.array(f_coef, dtype=np.float64)
+        self.param_out, self.param_out_m = p_out.arrays()
+        self.param_in, self.param_in_m = p_in.arrays()
+        self.param_coef = np.array(p_coef, dtype=np.float64)
+        self.param_lin = np.array(p_lin, dtype=np.float64)
+
+        full = np.array([group.size for group in groups], dtype=np.float64)
+        self.flops_constant = measure_flops(model, sample) - self._flops(full)
+        self.params_constant = count_params(model) - self._params(full)
+
+    @staticmethod
+    def _add_dims(module, name, coverage, out_dims, in_dims):
+        kind = layer_kind(module)
+        total_out = module.out_features if kind == "linear" else module.out_channels
+        out_cov = coverage.get((name, "out"), ())
+        out_dims.add(total_out, out_cov)
+        if kind == "depthwise":
+            in_dims.add_constant(1)  # one input channel per filter, whatever the width
+        elif kind == "grouped_conv":
+            in_dims.add_constant(module.in_channels // module.groups)  # its groups are frozen
+        else:
+            total_in = module.in_features if kind == "linear" else module.in_channels
+            in_dims.add(total_in, coverage.get((name, "in"), ()))
+
+    def _flops(self, k):
+        out = self.flop_out + k @ self.flop_out_m.T
+        inn = self.flop_in + k @ self.flop_in_m.T
+        return (out * inn) @ self.flop_coef
+
+    def _params(self, k):
+        out = self.param_out + k @ self.param_out_m.T
+        inn = self.param_in + k @ self.param_in_m.T
+        return (out * inn) @ self.param_coef + out @ self.param_lin
+
+    def flops(self, k):
+        """FLOPs of one sample for kept-channel vector(s) `k` (shape (G,) or (B, G))."""
+        return self._flops(np.asarray(k, dtype=np.float64)) + self.flops_constant
+
+    def params(self, k):
+        return self._params(np.asarray(k, dtype=np.float64)) + self.params_constant

@@ -1,0 +1,232 @@
+"""Channel groups: the width variables of a model, read from Torch-Pruning's dependency graph.
+
+A group is a set of channel dimensions that must keep the same width after slimming (a conv's
+output with its BN, everything summed with it by residual adds, the matching concat slices, the
+input columns of the consumers). Each group is one width variable. We do not trace the graph
+ourselves: Torch-Pruning does, and this module maps its groups to width variables and records,
+for every member layer, which of its channel indices belong to which channel of the group.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .errors import ConfigError, UnsupportedModelError
+
+# Layers whose channel slicing we model exactly (masking == slicing, cost formula known).
+_BN = nn.modules.batchnorm._BatchNorm
+_PASS_THROUGH_OPS = {
+    tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE,
+    tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.EXPAND, tp.ops.OPTYPE.OUTPUT,
+}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One layer touched by a group: `role` is "out" (it produces the group's channels, or
+    normalises them) or "in" (it consumes them as input channels)."""
+    module: str
+    role: str
+    kind: str
+
+
+@dataclass
+class ChannelGroup:
+    """One width variable: `size` channels that are kept or removed together."""
+    name: str
+    size: int
+    members: tuple
+    # layer index table per (module, role): int array (size, multiplicity); row j lists the
+    # layer's indices that carry channel j of the group (several when a flatten feeds a linear).
+    index: dict = field(default_factory=dict, repr=False)
+
+    def __repr__(self):
+        return f"ChannelGroup({self.name!r}, size={self.size}, members={len(self.members)})"
+
+
+def layer_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d) or isinstance(module, nn.Conv1d):
+        if module.transposed:
+            return "conv_transposed"
+        if module.groups == 1:
+            return "conv"
+        if module.groups == module.in_channels == module.out_channels:
+            return "depthwise"
+        return "grouped_conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, _BN):
+        return "bn"
+    return type(module).__name__
+
+
+SUPPORTED_KINDS = {"conv", "depthwise", "linear", "bn"}
+
+
+@contextlib.contextmanager
+def innermost_module_on_error(model: nn.Module):
+    """Yields a list that names the innermost module running when the body raised."""
+    stack, culprit = [], []
+    names = {m: n for n, m in model.named_modules()}
+
+    def pre(module, args):
+        stack.append(module)
+
+    def post(module, args, out):
+        if stack:
+            stack.pop()
+
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
+    handles += [m.register_forward_hook(post) for m in model.modules()]
+    try:
+        yield culprit
+    except Exception:
+        if stack:
+            culprit.append((names.get(stack[-1], "?"), type(stack[-1]).__name__))
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_checked(model: nn.Module, example_input: torch.Tensor, what: str):
+    """Forward pass that turns a failure into an error naming the module that failed."""
+    culprit = []
+    try:
+        with innermost_module_on_error(model) as culprit:
+            return model(example_input)
+    except Exception as e:  # the user's forward can raise anything
+        where = f" in module '{culprit[0][0]}' ({culprit[0][1]})" if culprit else ""
+        raise ConfigError(
+            f"{what}: the model's forward pass failed{where} on an example input of shape "
+            f"{tuple(example_input.shape)}: {e}. Pass an example input the model accepts, "
+            f"e.g. torch.randn(1, 3, 224, 224) for an ImageNet classifier."
+        ) from e
+
+
+def _failing_op(exc, model):
+    """(module name, op) of the graph node Torch-Pruning was handling when it raised."""
+    names = {m: n for n, m in model.named_modules()}
+    node, tb = None, exc.__traceback__
+    while tb is not None:
+        # the first Node-valued local of the innermost frame is the node being handled
+        node = next((v for v in tb.tb_frame.f_locals.values() if isinstance(v, tp.dependency.Node)), node)
+        tb = tb.tb_next
+    if node is None:
+        return type(model).__name__, "trace"
+    op = type(node.grad_fn).__name__ if node.grad_fn is not None else node.name
+    seen, frontier = set(), [node]
+    while frontier:  # nearest named module feeding the failing op
+        n = frontier.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.module in names:
+            return names[n.module], op
+        frontier.extend(n.inputs)
+    return type(model).__name__, op
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of `model` (which must be a private copy: tracing runs
+    a forward pass)."""
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    except Exception as e:
+        module, op = _failing_op(e, model)
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not supported: Torch-Pruning cannot map channels through the "
+            f"op {op} after module '{module}' ({type(e).__name__}: {e}). Channel shuffles and other "
+            f"reshapes that mix the channel dimension cannot be slimmed.", module=module, op=op) from e
+
+
+def _freeze_reason(group_items, graph, names, exclude_match):
+    """Why a Torch-Pruning group cannot be a width variable, or None if it can."""
+    consumers = 0
+    for item in group_items:
+        target = item.dep.target
+        if target.type in _PASS_THROUGH_OPS:
+            continue
+        module = target.module
+        if isinstance(module, nn.Parameter):
+            return f"an unwrapped parameter '{target.name}' carries these channels"
+        name = names.get(module, target.name)
+        kind = layer_kind(module)
+        role = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+        if kind not in SUPPORTED_KINDS:
+            return (f"module '{name}' ({kind}) touches these channels and cannot be masked "
+                    f"exactly; only plain/depthwise convolutions, linear and batch-norm layers can")
+        if role == "out" and exclude_match(name, module):
+            return f"excluded by the user ('{name}')"
+        if role == "in" and kind in ("conv", "linear"):
+            consumers += 1
+    if consumers == 0:
+        return "these channels reach the model output (the classifier output is never pruned)"
+    return None
+
+
+def _index_table(root_of_idx, size):
+    """int array (size, multiplicity): the layer indices carrying each group channel."""
+    per_root = [[] for _ in range(size)]
+    for idx, root in sorted(root_of_idx.items()):
+        per_root[root].append(idx)
+    counts = {len(r) for r in per_root}
+    if len(counts) != 1 or 0 in counts:
+        return None
+    return np.array(per_root, dtype=np.int64)
+
+
+def find_groups(model: nn.Module, graph: tp.DependencyGraph, exclude=()):
+    """Return (groups, frozen): width variables, and {group name: reason} for those kept fixed."""
+    names = {m: n for n, m in model.named_modules()}
+    excluded_names = {e for e in exclude if isinstance(e, str)}
+    excluded_types = tuple(e for e in exclude if isinstance(e, type))
+    unknown = excluded_names - set(names.values())
+    if unknown:
+        raise ConfigError(f"exclude names modules that are not in the model: {sorted(unknown)}")
+
+    def exclude_match(name, module):
+        return name in excluded_names or (excluded_types and isinstance(module, excluded_types))
+
+    groups, frozen = [], {}
+    for tp_group in graph.get_all_groups(root_module_types=(nn.Conv1d, nn.Conv2d, nn.Linear)):
+        root = tp_group[0].dep.target.module
+        gname = names[root]
+        size = len(tp_group[0].idxs)
+        reason = _freeze_reason(tp_group.items, graph, names, exclude_match)
+        if reason is not None:
+            frozen[gname] = reason
+            continue
+        # Collect, per (module, role), the layer indices and the group channel each one carries.
+        collected = {}
+        for item in tp_group.items:
+            target = item.dep.target
+            if target.type in _PASS_THROUGH_OPS:
+                continue
+            module = target.module
+            role = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            kind = layer_kind(module)
+            if kind in ("bn", "depthwise"):
+                role = "out"  # their input and output channels are the same channels
+            entry = collected.setdefault((names[module], role, kind), {})
+            for idx, root_idx in zip(item.idxs, item.root_idxs):
+                entry.setdefault(idx, root_idx)
+        index, members = {}, []
+        for (mname, role, kind), entry in collected.items():
+            table = _index_table(entry, size)
+            if table is None:
+                reason = f"module '{mname}' maps these channels unevenly"
+                break
+            index[(mname, role)] = table
+            members.append(Member(mname, role, kind))
+        if reason is not None:
+            frozen[gname] = reason
+            continue
+        groups.append(ChannelGroup(gname, size, tuple(members), index))
+    return groups, frozen

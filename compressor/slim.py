@@ -1,0 +1,165 @@
+"""Physical slimming: remove the inactive channels of a configuration (Torch-Pruning does the
+cutting), inherit the weights, and prove the result computes what the masked supernet computes."""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import ConfigError, UnsupportedModelError
+from .groups import build_graph, layer_kind
+from .models import load_model
+from .space import WidthSpace, check_side
+from .supernet import Supernet, check_space
+
+FORMAT = "compressor-slim-1"
+_SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features")
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |a| (the parity measure used throughout)."""
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+def slim(model: nn.Module, space: WidthSpace, cfg, side: str = "left", check: bool = True,
+         tolerance: float = 1e-4) -> nn.Module:
+    """A new, physically smaller copy of `model` for configuration `cfg` on `side`.
+
+    With `check`, the slim model's output on the space's example input is compared with the
+    masked supernet's (eval mode); a mismatch beyond `tolerance` (relative to max |y|) raises
+    UnsupportedModelError naming the first layer that disagrees.
+    """
+    check_space(model, space)
+    cfg = space.check(cfg)
+    check_side(side)
+    small = copy.deepcopy(model)
+    x = space.example_input.to(next(small.parameters()).device)
+    training = small.training
+    small.eval()  # tracing runs a forward pass: keep BN statistics untouched
+    graph = build_graph(small, x)
+    for group, (start, k) in zip(space.groups, space.windows(cfg, side)):
+        if k == group.size:
+            continue
+        root = small.get_submodule(group.name)
+        removed = list(range(k, group.size)) if side == "left" else list(range(0, start))
+        pruner = graph.get_pruner_of_module(root)
+        graph.get_pruning_group(root, pruner.prune_out_channels, removed).prune()
+    small.compressor_info = {"widths": list(cfg), "side": side, "channels": space.channels(cfg),
+                             "source": space.source}
+    if check:
+        _check_parity(model, space, cfg, side, small, x, tolerance)
+    small.train(training)
+    return small
+
+
+def _check_parity(model, space, cfg, side, small, x, tolerance):
+    net = Supernet(model, space).set(cfg, side)
+    net.eval()
+    recorded = {"net": {}, "small": {}}
+    order = []
+
+    def recorder(which, name):
+        def hook(module, inputs, output):
+            if which == "net":
+                order.append(name)
+            recorded[which][name] = output.detach()
+        return hook
+
+    names = list(net._targets)
+    handles = [net.model.get_submodule(n).register_forward_hook(recorder("net", n)) for n in names]
+    handles += [small.get_submodule(n).register_forward_hook(recorder("small", n)) for n in names]
+    try:
+        with torch.no_grad():
+            y_net, y_small = net(x), small(x)
+    finally:
+        for h in handles:
+            h.remove()
+    diff = max_rel_diff(y_net, y_small)
+    if diff <= tolerance:
+        return
+    culprit = "the model output"
+    for name in order:
+        active = net.active_channels(name)
+        full = recorded["net"][name]
+        dim = -1 if isinstance(net.model.get_submodule(name), nn.Linear) else 1
+        expected = full if active is None else full.index_select(dim, active.to(full.device))
+        got = recorded["small"].get(name)
+        if got is None or got.shape != expected.shape or max_rel_diff(expected, got) > tolerance:
+            culprit = f"module '{name}' ({type(net.model.get_submodule(name)).__name__})"
+            break
+    raise UnsupportedModelError(
+        f"slimming {type(model).__name__} changed what it computes (relative difference {diff:.2e} "
+        f"> {tolerance:.0e}); the first layer that disagrees is {culprit}. Torch-Pruning's graph does "
+        f"not capture an op around it exactly: pass exclude=[...] naming that layer to cz.analyze "
+        f"to keep its channels fixed.", module=culprit, op="slim parity")
+
+
+def _shapes(model: nn.Module) -> dict:
+    return {name: {a: getattr(m, a) for a in _SHAPE_ATTRS if hasattr(m, a)}
+            for name, m in model.named_modules() if layer_kind(m) in ("conv", "depthwise", "grouped_conv", "linear", "bn")}
+
+
+def atomic_torch_save(obj, path: str):
+    """torch.save to a temp file beside `path`, then rename: no half-written file on failure."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_slim(small: nn.Module, path: str, source: str | None = None):
+    """Write a slim model as data only: state dict, layer shapes, width configuration and the
+    spec of the original architecture (`source`, e.g. 'torchvision:resnet18'; taken from the
+    model when it was built with cz.load_model)."""
+    info = getattr(small, "compressor_info", None)
+    if info is None:
+        raise ConfigError("save_slim expects a model returned by cz.slim")
+    source = source or info.get("source")
+    if source is None:
+        raise ConfigError(
+            "save_slim needs to know how to rebuild the architecture: pass source='torchvision:resnet18', "
+            "'path/to/file.py:factory' or 'package.module:factory', or build the model with cz.load_model")
+    payload = {"format": FORMAT, "compressor_version": __version__, "source": source,
+               "widths": info["widths"], "side": info["side"], "channels": info["channels"],
+               "shapes": _shapes(small), "state_dict": small.state_dict()}
+    atomic_torch_save(payload, path)
+
+
+def load_slim(path: str) -> nn.Module:
+    """Rebuild a model written by save_slim (loaded with weights_only=True: no code is unpickled)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path!r} does not exist")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ConfigError(f"{path!r} is not a slim model written by compressor.save_slim")
+    model = load_model(payload["source"])
+    for name, attrs in payload["shapes"].items():
+        module = model.get_submodule(name)
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
+    # Give every tensor whose shape changed an empty tensor of the saved shape, then load.
+    state = payload["state_dict"]
+    for key, value in state.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        current = getattr(owner, attr)
+        if isinstance(current, torch.Tensor) and current.shape != value.shape:
+            fresh = torch.empty(value.shape, dtype=value.dtype)
+            if isinstance(current, nn.Parameter):
+                setattr(owner, attr, nn.Parameter(fresh, requires_grad=current.requires_grad))
+            else:
+                owner._buffers[attr] = fresh
+    model.load_state_dict(state, strict=True)
+    model.compressor_info = {k: payload[k] for k in ("widths", "side", "channels", "source")}
+    return model

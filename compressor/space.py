@@ -1,0 +1,198 @@
+"""The width space: one bin index per channel group, and what each configuration costs."""
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cost import CostModel
+from .errors import ConfigError, UnsupportedModelError
+from .groups import build_graph, find_groups, run_checked
+
+SIDES = ("left", "right")
+
+
+def kept_channels(c: int, n: int, bins: int, divisor: int) -> int:
+    """Channels kept by bin c (1..bins) of a group of n: k = max(divisor, round_to(c*n/bins,
+    divisor)), never more than n, and exactly n at the last bin (the original model)."""
+    if c == bins:
+        return n
+    k = divisor * int(np.floor(c * n / (bins * divisor) + 0.5))
+    return min(n, max(divisor, k, 1))
+
+
+def check_side(side: str) -> str:
+    if side not in SIDES:
+        raise ConfigError(f"unknown side {side!r}: use 'left' (channels [0, k)) or 'right' (channels [n-k, n))")
+    return side
+
+
+def check_model(model, example_input):
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor):
+        raise ConfigError(
+            f"example_input must be a torch.Tensor (e.g. torch.randn(1, 3, 224, 224)), got {type(example_input).__name__}")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Short hash of the architecture (module names, types and parameter shapes)."""
+    h = hashlib.sha1()
+    for name, module in model.named_modules():
+        h.update(f"{name}:{type(module).__name__};".encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+class WidthSpace:
+    """Configurations are tuples of bin indices, one per group, each in 1..bins (or the group's
+    min/max bins)."""
+
+    def __init__(self, groups, frozen, cost, *, bins, divisor, example_input, min_bins, max_bins,
+                 source=None, model_fingerprint=""):
+        self.groups = groups
+        self.frozen = frozen
+        self.cost = cost
+        self.bins = bins
+        self.divisor = divisor
+        self.example_input = example_input
+        self.source = source
+        self.fingerprint = model_fingerprint
+        self.min_bins = np.asarray(min_bins, dtype=np.int64)
+        self.max_bins = np.asarray(max_bins, dtype=np.int64)
+        self.sizes = np.array([g.size for g in groups], dtype=np.int64)
+        # width_table[g, c]: channels kept in group g at bin c (column 0 unused)
+        self.width_table = np.array(
+            [[0] + [kept_channels(c, g.size, bins, divisor) for c in range(1, bins + 1)] for g in groups],
+            dtype=np.int64).reshape(len(groups), bins + 1)
+        self._rows = np.arange(len(groups))
+
+    def __len__(self):
+        return len(self.groups)
+
+    def __repr__(self):
+        return (f"WidthSpace({len(self.groups)} groups, {len(self.frozen)} frozen, bins={self.bins}, "
+                f"divisor={self.divisor})")
+
+    # -- configurations ------------------------------------------------------------------
+    def check(self, cfg) -> tuple:
+        """Validate a configuration and return it as a tuple of ints."""
+        try:
+            arr = np.asarray(cfg)
+        except Exception as e:
+            raise ConfigError(f"a configuration must be a sequence of integers, got {cfg!r}") from e
+        if arr.ndim != 1 or arr.shape[0] != len(self.groups):
+            raise ConfigError(
+                f"a configuration needs one bin per group: {len(self.groups)} entries, got "
+                f"{arr.shape[0] if arr.ndim == 1 else 'shape ' + str(arr.shape)}")
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            if not (np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr))):
+                raise ConfigError(f"configuration entries must be integers, got {cfg!r}")
+            arr = arr.astype(np.int64)
+        bad = np.nonzero((arr < self.min_bins) | (arr > self.max_bins))[0]
+        if bad.size:
+            i = int(bad[0])
+            raise ConfigError(
+                f"configuration entry {i} (group '{self.groups[i].name}') is {int(arr[i])}, outside "
+                f"its allowed bins {int(self.min_bins[i])}..{int(self.max_bins[i])}")
+        return tuple(int(c) for c in arr)
+
+    def max(self) -> tuple:
+        return tuple(int(c) for c in self.max_bins)
+
+    def min(self) -> tuple:
+        return tuple(int(c) for c in self.min_bins)
+
+    def uniform(self, ratio: float) -> tuple:
+        """The same width ratio in every group (nearest bin, clipped to each group's bounds)."""
+        if not 0 < ratio <= 1:
+            raise ConfigError(f"uniform ratio must be in (0, 1], got {ratio}")
+        c = int(np.floor(ratio * self.bins + 0.5))
+        return tuple(int(v) for v in np.clip(c, self.min_bins, self.max_bins))
+
+    def random(self, seed=None) -> tuple:
+        """Each group's bin drawn uniformly from its allowed bins. `seed` is an int or a
+        numpy Generator."""
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        return tuple(int(c) for c in rng.integers(self.min_bins, self.max_bins + 1))
+
+    def channels(self, cfg) -> list:
+        """Kept channels per group."""
+        cfg = self.check(cfg)
+        return [int(k) for k in self.width_table[self._rows, cfg]]
+
+    def windows(self, cfg, side="left") -> list:
+        """(start, length) of the kept channels of each group on that side."""
+        check_side(side)
+        return [(0 if side == "left" else int(n) - k, k) for n, k in zip(self.sizes, self.channels(cfg))]
+
+    # -- cost ----------------------------------------------------------------------------
+    def _widths(self, cfg):
+        arr = np.asarray(cfg)
+        if arr.ndim == 2:  # a batch of configurations: vectorised, no per-row validation
+            if arr.shape[1] != len(self.groups):
+                raise ConfigError(f"configurations need {len(self.groups)} entries each, got {arr.shape[1]}")
+            return self.width_table[self._rows, arr]
+        return self.width_table[self._rows, self.check(cfg)]
+
+    def flops(self, cfg):
+        """FLOPs of one sample (one multiply-add = 2) at the example input's size. A 2-D array of
+        configurations gives an array."""
+        value = self.cost.flops(self._widths(cfg))
+        return value if np.ndim(value) else int(round(float(value)))
+
+    def params(self, cfg):
+        value = self.cost.params(self._widths(cfg))
+        return value if np.ndim(value) else int(round(float(value)))
+
+    def describe(self) -> str:
+        """A table of the groups: name, channels, members."""
+        lines = [f"{'group':48s} {'channels':>8s} {'members':>8s}"]
+        for g in self.groups:
+            lines.append(f"{g.name:48s} {g.size:8d} {len(g.members):8d}")
+        for name, reason in self.frozen.items():
+            lines.append(f"{name:48s} {'frozen':>8s}  {reason}")
+        return "\n".join(lines)
+
+
+def analyze(model: nn.Module, example_input: torch.Tensor, bins: int = 20, divisor: int = 8,
+            exclude=(), min_ratio: float = 0.0, max_ratio: float = 1.0) -> WidthSpace:
+    """Find the channel groups of `model` and build its width space and exact cost model.
+
+    `exclude` holds module names or types whose output channels stay fixed. `min_ratio` and
+    `max_ratio` bound every group's width (as a fraction of its original size). The model is
+    not modified: the analysis runs on a copy.
+    """
+    check_model(model, example_input)
+    if not isinstance(bins, int) or bins < 1:
+        raise ConfigError(f"bins must be a positive integer, got {bins!r}")
+    if not isinstance(divisor, int) or divisor < 1:
+        raise ConfigError(f"divisor must be a positive integer (1 disables alignment), got {divisor!r}")
+    if not 0 <= min_ratio <= max_ratio <= 1 or max_ratio == 0:
+        raise ConfigError(f"need 0 <= min_ratio <= max_ratio <= 1 and max_ratio > 0, got {min_ratio}, {max_ratio}")
+    if isinstance(exclude, (str, type)):
+        exclude = (exclude,)
+
+    work = copy.deepcopy(model).eval()
+    example_input = example_input.detach().to(next(work.parameters(), example_input).device)
+    with torch.no_grad():
+        run_checked(work, example_input, "analyze")
+    graph = build_graph(work, example_input)
+    groups, frozen = find_groups(work, graph, exclude)
+    if not groups:
+        reasons = "; ".join(f"{n}: {r}" for n, r in list(frozen.items())[:5])
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no channel group that can be slimmed ({reasons})",
+            module=next(iter(frozen), type(model).__name__), op="no prunable group")
+    cost = CostModel(work, groups, example_input)
+    lo = max(1, int(np.ceil(min_ratio * bins)))
+    hi = max(lo, int(np.floor(max_ratio * bins + 1e-9)))
+    return WidthSpace(groups, frozen, cost, bins=bins, divisor=divisor,
+                      example_input=example_input[:1].cpu().clone(),
+                      min_bins=[lo] * len(groups), max_bins=[hi] * len(groups),
+                      source=getattr(model, "_compressor_source", None),
+                      model_fingerprint=fingerprint(model))

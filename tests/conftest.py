@@ -1,0 +1,50 @@
+import os
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.environ.get("COMPRESSOR_DATA", os.path.join(REPO, "..", "shared", "data"))
+
+
+def snapshot(model: torch.nn.Module):
+    """Everything a public call must leave untouched: tensors, structure, modes, hooks."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "structure": repr(model),
+        "training": [m.training for m in model.modules()],
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+    }
+
+
+def assert_unchanged(model, before):
+    after = snapshot(model)
+    assert after["structure"] == before["structure"]
+    assert after["training"] == before["training"]
+    assert after["hooks"] == before["hooks"]
+    assert after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), f"{k} changed"
+
+
+@pytest.fixture
+def shared_data():
+    if not os.path.isdir(SHARED_DATA):
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+def with_real_statistics(model: torch.nn.Module, size=64, batches=2) -> torch.nn.Module:
+    """A random-init model in eval mode has BN statistics (0, 1) that shrink activations to ~1e-10;
+    estimate them on random data so outputs are of order 1 and comparisons mean something."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(8, 3, size, size))
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval()
