@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "trt": ["tensorrt", "pycuda"],
-        "dev": ["pytest", "pytest-timeout", "ninja", "onnxscript"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "ninja", "onnxscript"],
     },
     entry_points={"console_scripts": ["compressor=compressor.cli:main"]},
 )

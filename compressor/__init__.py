@@ -8,3 +8,4 @@ from .space import WidthSpace, analyze  # noqa: E402
 from .supernet import Supernet, supernet  # noqa: E402
 from .slim import load_slim, save_slim, slim  # noqa: E402
 from .models import load_model  # noqa: E402
+from .train import TrainResult, train_supernet  # noqa: E402

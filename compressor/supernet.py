@@ -40,6 +40,11 @@ class Supernet(nn.Module):
         self._device_masks = {}
         self._handles = [self.model.get_submodule(name).register_forward_hook(self._mask_hook(name))
                          for name in self._targets]
+        for name in self._targets:
+            module = self.model.get_submodule(name)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                self._handles.append(module.register_forward_pre_hook(self._save_bn_stats))
+        self._saved_stats = None
 
     def _mask_hook(self, name):
         def hook(module, inputs, output):
@@ -53,8 +58,21 @@ class Supernet(nn.Module):
                 if not isinstance(module, nn.Linear):  # channels are dim 1 of (N, C, ...)
                     m = m.view(-1, *([1] * (output.dim() - 2)))
                 self._device_masks[key] = m
+            if self._saved_stats is not None and self._saved_stats[0] is module:
+                # BN statistics are sliced with the window (METHOD section 2): inactive channels
+                # keep the running statistics they had before this masked forward pass
+                keep = m.view(-1) == 0
+                # through .data: batch_norm's autograd node saved these buffers, but train-mode
+                # gradients do not depend on them
+                for buffer, saved in zip((module.running_mean, module.running_var), self._saved_stats[1:]):
+                    buffer.data.copy_(torch.where(keep, saved, buffer))
+                self._saved_stats = None
             return output * m
         return hook
+
+    def _save_bn_stats(self, module, inputs):
+        if module.training and self._masks:
+            self._saved_stats = (module, module.running_mean.clone(), module.running_var.clone())
 
     def set(self, cfg, side="left"):
         """Activate configuration `cfg` on `side` ("left" or "right")."""

@@ -48,3 +48,36 @@ def with_real_statistics(model: torch.nn.Module, size=64, batches=2) -> torch.nn
     for m in norms:
         m.momentum = 0.1
     return model.eval()
+
+
+class TinyNet(torch.nn.Module):
+    """A small residual CNN: three channel groups (stem, stage stream, inner block)."""
+
+    def __init__(self, classes=4, width=16):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.conv1 = nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(2 * width))
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = self.down(self.stem(x))
+        x = torch.relu(x + self.conv2(self.conv1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def quadrant_data(n=512, size=16, seed=0):
+    """A learnable 4-class task: the class is the quadrant holding a bright square, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = 0.5 * torch.randn(n, 3, size, size, generator=g)
+    h = size // 2
+    for i, c in enumerate(y.tolist()):
+        r, col = divmod(c, 2)
+        x[i, :, r * h + 2: r * h + h - 2, col * h + 2: col * h + h - 2] += 2.0
+    return torch.utils.data.TensorDataset(x, y)

@@ -180,3 +180,14 @@ def test_parity_failure_is_reported_not_returned():
     cfg = space.uniform(0.5)
     with pytest.raises(cz.UnsupportedModelError, match="disagrees"):
         cz.slim(model, space, cfg, "left")
+
+
+def test_masked_training_keeps_inactive_bn_statistics(mobilenet, mspace):
+    model = torchvision.models.mobilenet_v2(weights=None)
+    bn = model.features[0][1]
+    bn.running_mean.fill_(0.5)
+    net = cz.supernet(model, mspace).set(mspace.uniform(0.5), "right").train()
+    with torch.no_grad():
+        net(torch.randn(4, 3, 64, 64))
+    assert (bn.running_mean[:16] == 0.5).all()      # inactive (left half) untouched
+    assert (bn.running_mean[16:] != 0.5).all()      # active half updated

@@ -1,0 +1,263 @@
+"""Supernet training (METHOD section 3): BCNet's bilateral sampler or the UA baseline, the record of
+the lowest-loss subnets for the prior, atomic checkpoints that resume to the same result, and DDP
+under torchrun (every rank trains the same configuration on its own shard of the data)."""
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .errors import CompressorError, ConfigError
+from .samplers import make_sampler
+from .slim import atomic_torch_save
+from .supernet import Supernet
+
+log = logging.getLogger("compressor.train")
+CHECKPOINT = "supernet-last.pt"
+
+
+class TrainingDivergedError(CompressorError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Records:
+    """The K lowest-loss (loss, configuration, side) evaluations of a whole run."""
+
+    def __init__(self, k=100, items=()):
+        self.k = k
+        self._heap = [(-loss, list(cfg), side) for loss, cfg, side in items]  # max-heap on loss
+        heapq.heapify(self._heap)
+
+    def add(self, loss, cfg, side):
+        item = (-float(loss), list(cfg), side)
+        if len(self._heap) < self.k:
+            heapq.heappush(self._heap, item)
+        elif item > self._heap[0]:
+            heapq.heapreplace(self._heap, item)
+
+    def items(self):
+        """[(loss, cfg tuple, side)], lowest loss first."""
+        return [(-neg, tuple(cfg), side) for neg, cfg, side in sorted(self._heap, reverse=True)]
+
+
+@dataclass
+class TrainResult:
+    method: str
+    steps: int
+    seconds: float
+    final_loss: float
+    records: list = field(repr=False)
+    checkpoint: str | None = None
+
+
+def _world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _as_dataset(train_data, batch_size):
+    """(dataset, batch size, workers, collate) from a Dataset or a DataLoader."""
+    if isinstance(train_data, DataLoader):
+        return (train_data.dataset, batch_size or train_data.batch_size, train_data.num_workers,
+                train_data.collate_fn)
+    if isinstance(train_data, Dataset) or hasattr(train_data, "__getitem__"):
+        return train_data, batch_size or 64, 0, None
+    raise ConfigError(f"train_data must be a torch Dataset or DataLoader, got {type(train_data).__name__}")
+
+
+def _epoch_batches(dataset, batch_size, workers, collate, seed, epoch, rank, world, skip):
+    """Batches of one epoch in a fixed order (seed, epoch), this rank's shard, skipping `skip`
+    batches: a resumed run sees exactly the batches the interrupted one would have."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    shard = order[rank::world][: (len(dataset) // world)].tolist()
+    indices = shard[skip * batch_size:]
+    # its own generator, so creating the loader does not advance the global RNG (augmentations)
+    return iter(DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers,
+                           drop_last=True, generator=torch.Generator().manual_seed(epoch),
+                           **({"collate_fn": collate} if collate else {})))
+
+
+def _check_writable(folder, needed_bytes):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write checkpoints to {folder!r}: {e}. Pass a writable folder.") from e
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise ConfigError(f"{folder!r} has {free / 1e6:.0f} MB free but a checkpoint needs about "
+                          f"{needed_bytes / 1e6:.0f} MB: free some space or choose another folder")
+
+
+def _check_batch(x, y, net):
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ConfigError(f"labels must be integer class indices, got dtype {y.dtype}")
+    net.eval()  # a train-mode forward would move the BN statistics
+    with torch.no_grad():
+        classes = net.full()(x[:2]).shape[-1]
+    if y.min() < 0 or y.max() >= classes:
+        raise ConfigError(f"label {int(y.max() if y.max() >= classes else y.min())} is outside the model's "
+                          f"{classes} classes: the data does not match the model's classifier")
+
+
+def _rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
+    np.random.set_state(tuple(np.array(v, dtype=np.uint32) if isinstance(v, list) else v for v in state["numpy"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _kd(student_logits, teacher_logits):
+    return F.kl_div(F.log_softmax(student_logits, -1), F.softmax(teacher_logits, -1), reduction="batchmean")
+
+
+def train_supernet(net: Supernet, train_data, *, method="bcnet", steps=None, epochs=None, batch_size=None,
+                   lr=0.05, momentum=0.9, weight_decay=4e-5, label_smoothing=0.1, teacher: nn.Module = None,
+                   distill_weight=0.5, checkpoint_dir=None, checkpoint_every=200, seed=0, records_k=100,
+                   device=None, progress=True) -> TrainResult:
+    """Train `net` (a cz.supernet) on `train_data` (a Dataset or DataLoader of (image, label)).
+
+    method "bcnet": left and right subnets of one configuration per step, 0.5 each, in
+    complementary pairs; "ua": the sandwich baseline with in-place distillation from the largest.
+    `teacher`: a frozen model (usually the original) distilled into every subnet with weight
+    `distill_weight`. Give `steps` or `epochs`. With `checkpoint_dir`, a checkpoint is written
+    atomically every `checkpoint_every` steps and at the end, and an existing one is resumed.
+    """
+    if not isinstance(net, Supernet):
+        raise ConfigError(f"net must be a cz.supernet(...), got {type(net).__name__}")
+    sampler = make_sampler(method, net.space, seed)
+    dataset, batch_size, workers, collate = _as_dataset(train_data, batch_size)
+    rank, world = _world()
+    per_epoch = len(dataset) // world // batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"training data has {len(dataset)} samples: fewer than one batch of {batch_size}"
+                          + (f" per process ({world} processes)" if world > 1 else ""))
+    if (steps is None) == (epochs is None):
+        raise ConfigError("give exactly one of steps= or epochs=")
+    total = steps if steps is not None else int(math.ceil(epochs * per_epoch))
+    if total < 1:
+        raise ConfigError(f"nothing to train: {total} steps")
+    device = torch.device(device) if device else next(net.parameters()).device
+    net.to(device)
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    records = Records(records_k)
+    run_id = {"method": method, "steps": total, "seed": seed, "batch_size": batch_size, "world": world}
+    start, path = 0, None
+    if checkpoint_dir:
+        path = os.path.join(checkpoint_dir, CHECKPOINT)
+        _check_writable(checkpoint_dir, 3 * sum(t.numel() * t.element_size() for t in net.state_dict().values()))
+        if os.path.exists(path):
+            state = torch.load(path, map_location=device, weights_only=True)
+            if state["run"] != run_id:
+                raise ConfigError(f"{path} belongs to another run ({state['run']} vs {run_id}): "
+                                  "use another checkpoint_dir or delete the file to start over")
+            net.load_state_dict(state["net"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            sampler.load_state_dict(state["sampler"])
+            _set_rng_state(state["rng"])
+            records = Records(records_k, state["records"])
+            start = state["step"]
+            log.info("resuming %s from step %d of %d", path, start, total)
+
+    def save(step):
+        if rank == 0 and path:
+            atomic_torch_save({"run": run_id, "step": step, "net": net.state_dict(),
+                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "sampler": sampler.state_dict(), "rng": _rng_state(),
+                               "records": [[l, list(c), s] for l, c, s in records.items()]}, path)
+
+    model = net
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    net.train()
+    t0, batches, running = time.time(), None, float("nan")
+    bar = tqdm(total=total, initial=start, disable=not progress or rank != 0, desc=f"supernet ({method})")
+    for step in range(start, total):
+        epoch, offset = divmod(step, per_epoch)
+        if batches is None or offset == 0:
+            batches = _epoch_batches(dataset, batch_size, workers, collate, seed, epoch, rank, world, offset)
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if step == start:
+            _check_batch(x, y, net)
+            net.train()
+        subnets = sampler.next()
+        if world > 1:  # every rank trains rank 0's configurations
+            cfgs = torch.tensor([c for c, _, _ in subnets], device=device)
+            dist.broadcast(cfgs, 0)
+            subnets = [(tuple(c.tolist()), s, w) for c, (_, s, w) in zip(cfgs, subnets)]
+        with torch.no_grad():
+            target = teacher(x) if teacher is not None else None
+        optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for i, (cfg, side, weight) in enumerate(subnets):
+            net.set(cfg, side)
+            sync = i == len(subnets) - 1 or world == 1  # all-reduce gradients once, on the last backward
+            with model.no_sync() if not sync else contextlib.nullcontext():
+                out = model(x)
+                ce = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+                if method == "ua" and i > 0:  # in-place distillation from the largest network
+                    loss = _kd(out, largest)
+                elif target is not None:
+                    loss = (1 - distill_weight) * ce + distill_weight * _kd(out, target)
+                else:
+                    loss = ce
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"the loss became {loss.item()} at step {step} ({side} subnet {list(cfg)}); weights were "
+                        f"not updated and the last good checkpoint is {path or 'none (no checkpoint_dir)'}. "
+                        f"Lower the learning rate (now {scheduler.get_last_lr()[0]:.3g}) or check the data.")
+                (weight * loss).backward()
+            if method == "ua" and i == 0:
+                largest = out.detach()
+            losses.append((ce.item(), cfg, side))
+        optimizer.step()
+        scheduler.step()
+        for ce, cfg, side in losses:
+            if method == "bcnet" or cfg != net.space.max():
+                records.add(ce, cfg, side)
+        running = sum(l for l, _, _ in losses) / len(losses)
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.3f}")
+        if (step + 1) % checkpoint_every == 0 and step + 1 < total:
+            save(step + 1)
+    bar.close()
+    if world > 1:  # DDP syncs buffers at the start of a forward: make the last step's agree too
+        for buffer in net.buffers():
+            dist.broadcast(buffer, 0)
+    net.full()
+    save(total)
+    seconds = time.time() - t0
+    log.info("trained %s supernet: %d steps in %.1fs, last loss %.3f", method, total - start, seconds, running)
+    return TrainResult(method, total, seconds, running, records.items(), path)
+
