@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import types
 from collections import defaultdict
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .kernels import IMPLS, masked_conv2d
 from .space import WidthSpace, check_model, check_side, fingerprint
 
 
@@ -24,8 +26,11 @@ class Supernet(nn.Module):
     model's weights. The model's own modules get no hooks (the supernet holds a structural copy
     whose tensors are the model's)."""
 
-    def __init__(self, model: nn.Module, space: WidthSpace):
+    def __init__(self, model: nn.Module, space: WidthSpace, impl: str = "auto"):
         super().__init__()
+        if impl not in IMPLS:
+            raise ConfigError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.impl = impl
         shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
         self.model = copy.deepcopy(model, memo=shared)
         self.space = space
@@ -45,11 +50,56 @@ class Supernet(nn.Module):
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
                 self._handles.append(module.register_forward_pre_hook(self._save_bn_stats))
         self._saved_stats = None
+        # convs whose channels are one window of one group (or none) compute only that window
+        self._conv_groups = self._windowed_convs()
+        self._conv_windows = {}
+        for name in self._conv_groups:
+            module = self.model.get_submodule(name)
+            module.forward = types.MethodType(self._windowed_forward(name), module)
+
+    def _windowed_convs(self):
+        """{conv name: (out group or None, in group or None)} for convs where each side's channels
+        are exactly one group in index order, so the active channels are one contiguous window."""
+        identity = {}
+        for g, group in enumerate(self.space.groups):
+            for (mname, role), table in group.index.items():
+                if table.shape[1] == 1 and (table[:, 0] == np.arange(group.size)).all():
+                    identity.setdefault((mname, role), []).append(g)
+        convs = {}
+        for name, module in self.model.named_modules():
+            if not isinstance(module, nn.Conv2d) or isinstance(module.padding, str) or module.padding_mode != "zeros":
+                continue
+            depthwise = module.groups == module.in_channels == module.out_channels > 1
+            if module.groups != 1 and not depthwise:
+                continue
+            sides = []
+            for role, channels in (("out", module.out_channels), ("in", module.in_channels)):
+                if depthwise:
+                    role = "out"
+                covering = [g for g, grp in enumerate(self.space.groups) if (name, role) in grp.index]
+                if not covering:
+                    sides.append(None)
+                elif identity.get((name, role)) == covering and self.space.groups[covering[0]].size == channels:
+                    sides.append(covering[0])
+                else:
+                    break
+            else:
+                convs[name] = tuple(sides)
+        return convs
+
+    def _windowed_forward(self, name):
+        def forward(module, x):
+            windows = self._conv_windows.get(name)
+            if windows is None:
+                return module._conv_forward(x, module.weight, module.bias)
+            return masked_conv2d(x, module.weight, module.bias, windows[1], windows[0], module.stride,
+                                 module.padding, module.dilation, module.groups, impl=self.impl)
+        return forward
 
     def _mask_hook(self, name):
         def hook(module, inputs, output):
             mask = self._masks.get(name)
-            if mask is None:
+            if mask is None or name in self._conv_windows:  # masked_conv2d zeroed it already
                 return output
             key = (name, output.device, output.dtype)
             m = self._device_masks.get(key)
@@ -80,6 +130,13 @@ class Supernet(nn.Module):
         self.side = check_side(side)
         windows = self.space.windows(self.cfg, side)
         self._masks, self._device_masks = {}, {}
+        self._conv_windows = {}
+        for name, (g_out, g_in) in self._conv_groups.items():
+            if (g_out is not None and windows[g_out][1] < self.space.groups[g_out].size) or \
+                    (g_in is not None and windows[g_in][1] < self.space.groups[g_in].size):
+                module = self.model.get_submodule(name)
+                self._conv_windows[name] = (windows[g_out] if g_out is not None else (0, module.out_channels),
+                                            windows[g_in] if g_in is not None else (0, module.in_channels))
         for name, entries in self._targets.items():
             if all(windows[g][1] == self.space.groups[g].size for g, _ in entries):
                 continue  # every group of this layer is at full width
@@ -97,7 +154,7 @@ class Supernet(nn.Module):
     def full(self):
         """Back to the full network (no masks)."""
         self.cfg, self.side = None, None
-        self._masks, self._device_masks = {}, {}
+        self._masks, self._device_masks, self._conv_windows = {}, {}, {}
         return self
 
     def active_channels(self, name: str):
@@ -117,7 +174,9 @@ def check_space(model: nn.Module, space: WidthSpace):
         raise ConfigError("this width space was built for a different model: call cz.analyze on this model")
 
 
-def supernet(model: nn.Module, space: WidthSpace) -> Supernet:
-    """The masked supernet of `model` over `space` (parameters shared with `model`)."""
+def supernet(model: nn.Module, space: WidthSpace, impl: str = "auto") -> Supernet:
+    """The masked supernet of `model` over `space` (parameters shared with `model`). `impl` picks
+    the masked convolution: "auto" (the CUDA kernel on a GPU when built, else "sliced"),
+    "sliced", "reference" (dense conv then mask) or "cuda"."""
     check_space(model, space)
-    return Supernet(model, space)
+    return Supernet(model, space, impl)

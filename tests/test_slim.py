@@ -191,3 +191,23 @@ def test_masked_training_keeps_inactive_bn_statistics(mobilenet, mspace):
         net(torch.randn(4, 3, 64, 64))
     assert (bn.running_mean[:16] == 0.5).all()      # inactive (left half) untouched
     assert (bn.running_mean[16:] != 0.5).all()      # active half updated
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121"])
+def test_windowed_convolutions_agree_with_dense_masking(name):
+    """The supernet runs eligible convs through compressor.kernels.masked_conv2d ('sliced' on
+    CPU); 'reference' computes the dense conv and masks. Both must give the same network."""
+    torch.manual_seed(0)
+    model = with_real_statistics(torchvision.models.get_model(name, weights=None))
+    space = cz.analyze(model, X)
+    sliced, reference = cz.supernet(model, space, impl="sliced"), cz.supernet(model, space, impl="reference")
+    assert len(sliced._conv_groups) > 0
+    cfg = space.random(seed=2)
+    x = torch.randn(2, 3, 64, 64)
+    for side in ("left", "right"):
+        sliced.set(cfg, side).eval()
+        reference.set(cfg, side).eval()
+        with torch.no_grad():
+            a, b = sliced(x), reference(x)
+        assert len(sliced._conv_windows) > 0
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
