@@ -1,17 +1,19 @@
-"""Physical slimming: remove the inactive channels of a configuration (Torch-Pruning does the
-cutting), inherit the weights, and prove the result computes what the masked supernet computes."""
+"""Physical slimming: remove the inactive channels of a configuration, inherit the weights, and
+prove the result computes what the masked supernet computes."""
 from __future__ import annotations
 
 import copy
 import os
 import tempfile
+from collections import defaultdict
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import __version__
 from .errors import ConfigError, UnsupportedModelError
-from .groups import build_graph, layer_kind
+from .groups import layer_kind
 from .models import load_model
 from .space import WidthSpace, check_side
 from .supernet import Supernet, check_space
@@ -25,34 +27,80 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
 
 
+def inactive_indices(space: WidthSpace, cfg, side) -> dict:
+    """{(module name, role): sorted layer indices to remove} for configuration `cfg` on `side`."""
+    drop = defaultdict(list)
+    for group, (start, k) in zip(space.groups, space.windows(cfg, side)):
+        if k == group.size:
+            continue
+        for key, table in group.index.items():
+            drop[key].append(np.concatenate([table[:start], table[start + k:]]).ravel())
+    return {key: np.unique(np.concatenate(parts)) for key, parts in drop.items()}
+
+
+def _cut(module, name, dim, keep):
+    """Keep only indices `keep` of parameter/buffer `name` along `dim`."""
+    tensor = getattr(module, name)
+    if tensor is None:
+        return
+    kept = tensor.detach().index_select(dim, keep.to(tensor.device)).clone()
+    if isinstance(tensor, nn.Parameter):
+        setattr(module, name, nn.Parameter(kept, requires_grad=tensor.requires_grad))
+    else:
+        module._buffers[name] = kept
+
+
+def _remove(module, role, drop):
+    kind = layer_kind(module)
+    if kind == "bn":
+        size = module.num_features
+    elif kind == "linear":
+        size = module.out_features if role == "out" else module.in_features
+    else:
+        size = module.out_channels if role == "out" else module.in_channels
+    keep = torch.from_numpy(np.setdiff1d(np.arange(size), drop))
+    n = len(keep)
+    if kind == "bn":
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            _cut(module, attr, 0, keep)
+        module.num_features = n
+    elif kind == "depthwise":  # input and output channels are the same channels
+        _cut(module, "weight", 0, keep)
+        _cut(module, "bias", 0, keep)
+        module.in_channels = module.out_channels = module.groups = n
+    elif role == "out":
+        _cut(module, "weight", 0, keep)
+        _cut(module, "bias", 0, keep)
+        setattr(module, "out_features" if kind == "linear" else "out_channels", n)
+    else:
+        _cut(module, "weight", 1, keep)
+        setattr(module, "in_features" if kind == "linear" else "in_channels", n)
+
+
 def slim(model: nn.Module, space: WidthSpace, cfg, side: str = "left", check: bool = True,
          tolerance: float = 1e-4) -> nn.Module:
     """A new, physically smaller copy of `model` for configuration `cfg` on `side`.
 
-    With `check`, the slim model's output on the space's example input is compared with the
-    masked supernet's (eval mode); a mismatch beyond `tolerance` (relative to max |y|) raises
-    UnsupportedModelError naming the first layer that disagrees.
+    The channels to remove come from the index tables analysis took from Torch-Pruning's
+    dependency graph; each member layer is sliced once. With `check`, the slim model's output on
+    the space's example input is compared with the masked supernet's (eval mode); a mismatch
+    beyond `tolerance` (relative to max |y|) raises UnsupportedModelError naming the first layer
+    that disagrees.
     """
     check_space(model, space)
     cfg = space.check(cfg)
     check_side(side)
     small = copy.deepcopy(model)
-    x = space.example_input.to(next(small.parameters()).device)
-    training = small.training
-    small.eval()  # tracing runs a forward pass: keep BN statistics untouched
-    graph = build_graph(small, x)
-    for group, (start, k) in zip(space.groups, space.windows(cfg, side)):
-        if k == group.size:
-            continue
-        root = small.get_submodule(group.name)
-        removed = list(range(k, group.size)) if side == "left" else list(range(0, start))
-        pruner = graph.get_pruner_of_module(root)
-        graph.get_pruning_group(root, pruner.prune_out_channels, removed).prune()
+    for (name, role), drop in inactive_indices(space, cfg, side).items():
+        _remove(small.get_submodule(name), role, drop)
     small.compressor_info = {"widths": list(cfg), "side": side, "channels": space.channels(cfg),
                              "source": space.source}
     if check:
-        _check_parity(model, space, cfg, side, small, x, tolerance)
-    small.train(training)
+        training = small.training
+        small.eval()
+        _check_parity(model, space, cfg, side, small, space.example_input.to(next(small.parameters()).device),
+                      tolerance)
+        small.train(training)
     return small
 
 
