@@ -21,12 +21,13 @@ setup(
         "torch-pruning>=1.5",
         "onnx",
         "onnxruntime",
+        "onnxscript",  # torch.onnx's dynamo exporter
         "tqdm",
         "matplotlib",
     ],
     extras_require={
-        "trt": ["tensorrt", "pycuda"],
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "ninja", "onnxscript"],
+        "trt": ["tensorrt>=10,<11", "pycuda"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "ninja"],
     },
     entry_points={"console_scripts": ["compressor=compressor.cli:main"]},
 )

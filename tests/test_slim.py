@@ -211,3 +211,18 @@ def test_windowed_convolutions_agree_with_dense_masking(name):
             a, b = sliced(x), reference(x)
         assert len(sliced._conv_windows) > 0
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@pytest.mark.parametrize("factory", ["resnet20", "resnet56"])
+def test_cifar_resnets_slim_with_parity(factory):
+    from compressor import cifar
+    model = with_real_statistics(getattr(cifar, factory)(), size=32)
+    x = torch.randn(1, 3, 32, 32)
+    space = cz.analyze(model, x)
+    assert len(space) == (3 + 3 * (3 if factory == "resnet20" else 9))  # 3 stage streams + 1 per block
+    for side in ("left", "right"):
+        cfg = space.random(seed=7)
+        small = cz.slim(model, space, cfg, side).eval()  # raises on a parity failure
+        assert cz.measure_flops(small, x) == space.flops(cfg) and cz.count_params(small) == space.params(cfg)
+        # the fixed identity shortcut stays frozen in the slim model
+        assert not small.layer2[0].shortcut.weight.requires_grad

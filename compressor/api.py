@@ -1,0 +1,228 @@
+"""compress(): the whole job, top to bottom.
+
+    model -> width space -> supernet -> train -> records -> prior + evolution -> slim -> fine-tune
+          -> measure -> report, plot, saved model, exports
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from . import __version__
+from .budget import parse_budget
+from .cost import count_params, measure_flops
+from .data import train_val_split
+from .errors import ConfigError
+from .finetune import accuracy, finetune, loader
+from .search import constraints, human, recalibrate_bn, search
+from .slim import save_slim, slim
+from .space import analyze, check_model
+from .supernet import supernet
+from .timing import cpu_latency_ms
+from .train import _check_writable, train_supernet
+
+log = logging.getLogger("compressor")
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module = field(repr=False)
+    widths: list
+    side: str
+    channels: list
+    method: str
+    budget: str
+    limits: dict
+    original: dict          # {"flops", "params", "accuracy", "latency_ms"}
+    result: dict            # the same, measured on the slim model
+    supernet_score: float   # mean of the left and right held-out scores of the chosen configuration
+    timings: dict
+    paths: dict = field(default_factory=dict)
+    search: dict = field(default_factory=dict, repr=False)
+
+    def meets_budget(self) -> bool:
+        return all(self.result[m] <= limit for m, limit in self.limits.items())
+
+    def to_json(self) -> str:
+        d = {k: v for k, v in asdict(self).items() if k != "model"}
+        d["compressor_version"] = __version__
+        d["meets_budget"] = self.meets_budget()
+        return json.dumps(_finite(d), indent=1, allow_nan=False)
+
+
+def _finite(value):
+    """JSON has no NaN: unscored values (a UA run's right side) become null."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _write_atomic(path, text):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _source(model):
+    """How save_slim can rebuild the architecture: the spec cz.load_model recorded, or the class
+    itself when it can be built without arguments."""
+    spec = getattr(model, "_compressor_source", None)
+    if spec:
+        return spec
+    cls = type(model)
+    if all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+           for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"):
+        return f"{cls.__module__}:{cls.__qualname__}"
+    return None
+
+
+def plot_pareto(history, chosen, limit, path, metric="flops"):
+    """Held-out score against FLOPs of every evaluated candidate, the chosen one and the budget."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([e["flops"] / 1e6 for e in history], [e["score"] for e in history], s=10, alpha=0.6,
+               label="evaluated candidates")
+    ax.scatter([chosen["flops"] / 1e6], [chosen["score"]], s=80, marker="*", color="red", label="chosen")
+    if metric == "flops":
+        ax.axvline(limit / 1e6, color="gray", linestyle="--", label="budget")
+    ax.set_xlabel("MFLOPs per sample")
+    ax.set_ylabel("held-out top-1 (supernet)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def compress(model: nn.Module, budget, train_data, val_data=None, *, example_input=None, method="bcnet",
+             supernet_epochs=1.0, finetune_epochs=1.0, batch_size=64, lr=0.05, finetune_lr=0.01,
+             distill=False, effort=0.25, search_fraction=0.1, bins=20, divisor=8, exclude=(),
+             device=None, out_dir=None, seed=0, export=(), progress=True) -> CompressionResult:
+    """Compress a pretrained `model` to meet `budget` (e.g. "flops<=50%" or "flops<=50%,params<=2M").
+
+    `train_data` is a Dataset of (image, label); a `search_fraction` of it is held out to score
+    candidates. `val_data` (optional) measures the accuracy of the original and the result.
+    `method` is "bcnet" or the "ua" baseline. `effort` scales the evolutionary search (1.0 = the
+    paper's 50 x 40). With `out_dir`, writes report.json, model.pt (cz.load_slim), pareto.png and
+    the `export` artifacts ("onnx", "trt-fp32", "trt-fp16", "trt-int8"), and keeps supernet
+    checkpoints there so an interrupted run resumes. The user's model is never modified.
+    """
+    t_start = time.time()
+    check_model(model, example_input if example_input is not None else torch.zeros(1))
+    budget = parse_budget(budget)
+    if method not in ("bcnet", "ua"):
+        raise ConfigError(f"unknown method {method!r}: use 'bcnet' or 'ua'")
+    export = [export] if isinstance(export, str) else list(export)
+    for fmt in export:
+        if fmt != "onnx" and fmt not in ("trt-fp32", "trt-fp16", "trt-int8"):
+            raise ConfigError(f"unknown export format {fmt!r}: use onnx, trt-fp32, trt-fp16 or trt-int8")
+    if export and not out_dir:
+        raise ConfigError("export needs out_dir: the artifacts are written there")
+    if train_data is None or len(train_data) == 0:
+        raise ConfigError("train_data is empty: compress needs the user's training data")
+    if example_input is None:
+        example_input = train_data[0][0].unsqueeze(0)
+    if out_dir:
+        _check_writable(out_dir, 50 * 1024 * 1024)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    original = copy.deepcopy(model).to(device).eval()  # the frozen reference (and distillation teacher)
+    work = copy.deepcopy(model).to(device)
+    timings = {}
+    t = time.time()
+    space = analyze(work, example_input.to(device), bins=bins, divisor=divisor, exclude=exclude)
+    bounds = constraints(space, budget)  # raises InfeasibleBudgetError before any training
+    limits = {b.metric: b.limit for b in bounds}
+    timings["analyze_s"] = time.time() - t
+    log.info("%d channel groups (%d frozen); budget %s", len(space), len(space.frozen),
+             ", ".join(f"{b.text}: {human(b.metric, b.limit)}" for b in bounds))
+
+    fit_data, held_out = train_val_split(train_data, search_fraction, seed)
+    net = supernet(work, space)
+    t = time.time()
+    trained = train_supernet(net, fit_data, method=method, epochs=supernet_epochs, batch_size=batch_size, lr=lr,
+                             teacher=original if distill else None, seed=seed, progress=progress,
+                             checkpoint_dir=os.path.join(out_dir, "checkpoints") if out_dir else None)
+    timings["supernet_s"] = time.time() - t
+
+    t = time.time()
+    calib, scoring = loader(fit_data, batch_size), loader(held_out, batch_size)
+    found = search(net, budget, calib, scoring, records=trained.records, effort=effort, seed=seed,
+                   sides=("left",) if method == "ua" else ("left", "right"), progress=progress)
+    timings["search_s"] = time.time() - t
+
+    recalibrate_bn(net, found.cfg, found.side, calib)  # the slim model inherits calibrated statistics
+    net.full()
+    small = slim(work, space, found.cfg, found.side)
+    t = time.time()
+    finetune(small, fit_data, epochs=finetune_epochs, batch_size=batch_size, lr=finetune_lr,
+             teacher=original if distill else None, seed=seed, progress=progress)
+    timings["finetune_s"] = time.time() - t
+
+    x = example_input.to(device)
+    measured = {"flops": measure_flops(small.eval(), x), "params": count_params(small)}
+    before = {"flops": measure_flops(original, x), "params": count_params(original)}
+    if device.type == "cpu":
+        before["latency_ms"] = cpu_latency_ms(original, x)
+        measured["latency_ms"] = cpu_latency_ms(small, x)
+    if val_data is not None:
+        before["accuracy"] = accuracy(original, val_data)
+        measured["accuracy"] = accuracy(small, val_data)
+    timings["total_s"] = time.time() - t_start
+
+    result = CompressionResult(
+        model=small, widths=list(found.cfg), side=found.side, channels=space.channels(found.cfg), method=method,
+        budget=str(budget), limits=limits, original=before, result=measured, supernet_score=found.score,
+        timings={k: round(v, 2) for k, v in timings.items()}, search=found.to_dict())
+    if not result.meets_budget():  # the cost model is exact: this would be a bug, not a near miss
+        raise RuntimeError(f"the slim model misses the budget: {measured} vs {limits}")
+    if out_dir:
+        _write_outputs(result, small, original, space, found, bounds, x, out_dir, export, fit_data)
+    log.info("compressed: %s -> %s FLOPs, %s -> %s params", human("flops", before["flops"]),
+             human("flops", measured["flops"]), before["params"], measured["params"])
+    return result
+
+
+def _write_outputs(result, small, original, space, found, bounds, x, out_dir, export, calib_data):
+    paths = result.paths
+    source = _source(original)
+    if source:
+        paths["model"] = os.path.join(out_dir, "model.pt")
+        save_slim(small, paths["model"], source=source)
+    else:
+        log.warning("model.pt not written: the model's class needs constructor arguments; build the model "
+                    "with cz.load_model('file.py:factory') so the architecture can be named")
+    history = [dict(e, score=(e["score_left"] + e["score_right"]) / 2 if e["score_right"] == e["score_right"]
+                    else e["score_left"]) for e in result.search["history"]]
+    chosen = next(e for e in history if tuple(e["cfg"]) == tuple(found.cfg))
+    paths["pareto"] = os.path.join(out_dir, "pareto.png")
+    plot_pareto(history, chosen, bounds[0].limit, paths["pareto"], bounds[0].metric)
+    for fmt in export:
+        from .exporters import export_file
+        meta = {"widths": json.dumps(result.widths), "side": result.side}
+        target = "onnx" if fmt == "onnx" else "trt"
+        name = "model.onnx" if fmt == "onnx" else f"model-{fmt[4:]}.engine"
+        written = export_file(small, x, os.path.join(out_dir, name), fmt=target,
+                              precision="fp32" if fmt == "onnx" else fmt[4:],
+                              calib_data=calib_data if fmt == "trt-int8" else None, metadata=meta)
+        paths[fmt] = written[-1] if isinstance(written, (list, tuple)) else written
+    paths["report"] = os.path.join(out_dir, "report.json")
+    _write_atomic(paths["report"], result.to_json())

@@ -1,0 +1,136 @@
+"""The `compressor` command: demo, analyze, compress, export."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .errors import CompressorError
+
+
+def _model_and_input(spec, weights, image_size):
+    import torch
+
+    from .models import load_model
+    return load_model(spec, weights), torch.randn(1, 3, image_size, image_size)
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    run_demo(out_dir=args.out, seed=args.seed, progress=not args.quiet)
+
+
+def cmd_analyze(args):
+    from .space import analyze
+    model, x = _model_and_input(args.model, args.weights, args.image_size)
+    space = analyze(model, x, bins=args.bins, divisor=args.divisor)
+    print(space.describe())
+    full = space.max()
+    print(f"\n{len(space)} groups, {len(space.frozen)} frozen; {space.flops(full) / 1e6:.1f} MFLOPs, "
+          f"{space.params(full):,} parameters at {args.image_size}x{args.image_size}")
+
+
+def _split_folder(path):
+    """(train folder, validation folder or None): DIR/train + DIR/val|test, or DIR itself."""
+    train = os.path.join(path, "train")
+    if not os.path.isdir(train):
+        return path, None
+    val = next((os.path.join(path, v) for v in ("val", "test") if os.path.isdir(os.path.join(path, v))), None)
+    return train, val
+
+
+def cmd_compress(args):
+    from .api import compress
+    from .data import image_folder
+    model, x = _model_and_input(args.model, args.weights, args.image_size)
+    train_dir, val_dir = _split_folder(args.data)
+    train = image_folder(train_dir, args.image_size)
+    val = image_folder(val_dir, args.image_size) if val_dir else None
+    result = compress(model, args.budget, train, val, example_input=x, method=args.method,
+                      supernet_epochs=args.supernet_epochs, finetune_epochs=args.finetune_epochs,
+                      batch_size=args.batch_size, effort=args.effort, distill=args.distill, device=args.device,
+                      out_dir=args.out, seed=args.seed, export=[e for e in args.export.split(",") if e],
+                      progress=not args.quiet)
+    print(json.dumps({k: getattr(result, k) for k in ("widths", "side", "original", "result", "limits", "paths")},
+                     indent=1))
+
+
+def cmd_export(args):
+    import torch
+
+    from .exporters import export_file
+    from .slim import load_slim
+    from .data import image_folder
+    model = load_slim(args.model).eval()
+    x = torch.randn(1, 3, args.image_size, args.image_size)
+    calib = image_folder(args.calib_data, args.image_size) if args.calib_data else None
+    out = args.out or os.path.splitext(args.model)[0] + (".onnx" if args.format == "onnx" else f"-{args.precision}.engine")
+    meta = {k: json.dumps(v) for k, v in model.compressor_info.items()}
+    written = export_file(model, x, out, fmt=args.format, precision=args.precision, calib_data=calib, metadata=meta)
+    print("wrote", written)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="compressor", description="BCNet width search and slimming for CNNs.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="pretrain a small CNN on generated shapes and compress it to 50%% FLOPs")
+    p.add_argument("--out", help="also write report.json, model.pt and pareto.png here")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    def model_args(p):
+        p.add_argument("--model", required=True, help="torchvision:NAME, path/to/file.py:factory or package.module:factory")
+        p.add_argument("--weights", help="a state-dict file to load into the model")
+        p.add_argument("--image-size", type=int, default=224)
+
+    p = sub.add_parser("analyze", help="print a model's channel groups and cost")
+    model_args(p)
+    p.add_argument("--bins", type=int, default=20)
+    p.add_argument("--divisor", type=int, default=8)
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("compress", help="compress a model to a budget with BCNet")
+    model_args(p)
+    p.add_argument("--data", required=True, help="an ImageFolder directory, or one with train/ and val/ (or test/)")
+    p.add_argument("--budget", required=True, help="e.g. 'flops<=50%%' or 'flops<=50%%,params<=2.5M'")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--method", choices=("bcnet", "ua"), default="bcnet")
+    p.add_argument("--supernet-epochs", type=float, default=1.0)
+    p.add_argument("--finetune-epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--effort", type=float, default=0.25, help="search effort (1.0 = population 50 x 40 generations)")
+    p.add_argument("--distill", action="store_true", help="distil the original model into the subnets")
+    p.add_argument("--export", default="", help="comma-separated: onnx, trt-fp32, trt-fp16, trt-int8")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("export", help="export a slim model (model.pt from save_slim) to ONNX or TensorRT")
+    p.add_argument("model", help="a .pt file written by compressor (save_slim)")
+    p.add_argument("--format", choices=("onnx", "trt"), default="onnx")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument("--calib-data", help="ImageFolder directory for int8 calibration")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--out", help="output path (default: beside the model)")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (CompressorError, FileNotFoundError) as e:
+        print(f"compressor: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""Width search (METHOD sections 4-6): BN recalibration and candidate scoring, the constraints of a
+budget as vectorised cost functions, BCNet's prior over bins, and the evolutionary search."""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .budget import parse_budget
+from .errors import ConfigError, InfeasibleBudgetError
+from .space import WidthSpace
+from .supernet import Supernet
+
+log = logging.getLogger("compressor.search")
+
+# Draws for the initial population: rounds of max(_DRAW_BATCH, 20 x population) candidates.
+_DRAW_ROUNDS = 20
+_DRAW_BATCH = 1000
+_CHILD_TRIES = 10
+_MUTATION_PROB = 0.1
+
+
+# -- scoring -------------------------------------------------------------------------------------
+def _world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _norms(net: Supernet):
+    return [m for m in net.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def _device(net: Supernet):
+    return next(net.parameters()).device
+
+
+def recalibrate_bn(net: Supernet, cfg, side: str, calib_data, batches: int = 20) -> Supernet:
+    """Activate `cfg` on `side` and re-estimate every BN layer's running statistics from scratch:
+    a cumulative average over `batches` batches of `calib_data` (an iterable of (x, y)), with
+    only the BN layers in train mode (dropout stays off). Leaves `net` in eval mode. Under
+    torch.distributed the statistics are averaged over ranks, so every rank evaluates the same
+    network (and, with sharded calibration data, uses every rank's batches)."""
+    if batches < 1:
+        raise ConfigError(f"BN recalibration needs at least one batch, got batches={batches}")
+    net.set(cfg, side)
+    norms = _norms(net)
+    momenta = [m.momentum for m in norms]
+    device = _device(net)
+    seen = 0
+    net.eval()
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: every batch weighs the same
+            m.train()
+        with torch.no_grad():
+            for x, _ in calib_data:
+                if seen == batches:
+                    break
+                net(x.to(device))
+                seen += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+            m.eval()
+    if seen == 0:
+        raise ConfigError("calib_data yielded no batch: BN statistics cannot be re-estimated")
+    _, world = _world()
+    if world > 1:
+        for m in norms:
+            for stat in (m.running_mean, m.running_var):
+                dist.all_reduce(stat)
+                stat /= world
+    return net
+
+
+def score(net: Supernet, cfg, side: str, val_data, calib_data, *, calib_batches: int = 20,
+          max_batches: int | None = None) -> float:
+    """Top-1 accuracy in [0, 1] of `cfg` on `side` on `val_data`, after recalibrating BN on
+    `calib_data`. The supernet's BN buffers, active configuration and train/eval modes are
+    restored afterwards. Under torch.distributed each rank scores the batches whose index % world
+    size is its rank and the counts are summed, so every rank returns the same number."""
+    norms = _norms(net)
+    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms]
+    modes = [m.training for m in net.modules()]
+    previous = (net.cfg, net.side)
+    rank, world = _world()
+    device = _device(net)
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, total
+    try:
+        recalibrate_bn(net, cfg, side, calib_data, calib_batches)
+        with torch.no_grad():
+            for i, (x, y) in enumerate(val_data):
+                if max_batches is not None and i >= max_batches:
+                    break
+                if i % world != rank:
+                    continue
+                y = y.to(device)
+                counts[0] += (net(x.to(device)).argmax(-1) == y).sum()
+                counts[1] += y.numel()
+    finally:
+        for m, buffers in zip(norms, saved):
+            for k, b in buffers.items():
+                getattr(m, k).copy_(b)
+        for m, mode in zip(net.modules(), modes):
+            m.training = mode
+        if previous[0] is None:
+            net.full()
+        else:
+            net.set(*previous)
+    if world > 1:
+        dist.all_reduce(counts)
+    if counts[1] == 0:
+        raise ConfigError("val_data yielded no batch: nothing to score")
+    return float(counts[0] / counts[1])
+
+
+# -- constraints ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Bound:
+    """One resolved constraint: `cost(cfgs) <= limit`, where `cost` maps an int array of
+    configurations (B, G) to their costs (B,). Any cost model (a latency model too) fits here."""
+    text: str
+    metric: str
+    limit: float
+    cost: Callable[[np.ndarray], np.ndarray]
+
+    def ok(self, cfgs) -> np.ndarray:
+        return self.cost(cfgs) <= self.limit
+
+
+def human(metric: str, value: float) -> str:
+    """1234567 flops -> '1.23 MFLOPs'; params -> '1.23M params'."""
+    scale = next(((s, p) for s, p in ((1e9, "G"), (1e6, "M"), (1e3, "K")) if abs(value) >= s), (1, ""))
+    number = f"{value / scale[0]:.3g}"
+    return f"{number} {scale[1]}FLOPs" if metric == "flops" else f"{number}{scale[1]} params"
+
+
+def constraints(space: WidthSpace, budget) -> list[Bound]:
+    """The budget's constraints as vectorised cost functions of configuration arrays, with limits
+    resolved against the original (full-width) model. The first is the primary one (the search
+    window applies to it). Raises InfeasibleBudgetError when the smallest configuration already
+    exceeds a limit."""
+    budget = parse_budget(budget)  # a tuple of Constraints
+    smallest = np.array([space.min()])
+    bounds = []
+    for c in budget:
+        if c.metric == "latency":
+            raise ConfigError("latency budgets need a latency model: not available yet")
+        cost = getattr(space, c.metric)
+        original = float(getattr(space.cost, c.metric)(space.sizes))
+        bound = Bound(str(c), c.metric, float(c.limit(original)), lambda cfgs, cost=cost: cost(np.atleast_2d(cfgs)))
+        least = float(bound.cost(smallest)[0])
+        if least > bound.limit:
+            raise InfeasibleBudgetError(
+                f"{bound.text} needs <= {human(c.metric, bound.limit)} but the smallest configuration "
+                f"costs {human(c.metric, least)} (the original model: {human(c.metric, original)})")
+        bounds.append(bound)
+    return bounds
+
+
+def _feasible(bounds, cfgs) -> np.ndarray:
+    ok = np.ones(len(cfgs), dtype=bool)
+    for b in bounds:
+        ok &= b.ok(cfgs)
+    return ok
+
+
+def uniform_baseline(space: WidthSpace, budget) -> tuple:
+    """The same bin in every group (clipped to each group's allowed bins), the widest one that
+    meets every constraint. InfeasibleBudgetError when even the smallest does not."""
+    bounds = constraints(space, budget)
+    # bin 1 clipped is space.min(), which constraints() has shown to be feasible
+    cfgs = np.clip(np.arange(space.bins, 0, -1)[:, None], space.min_bins, space.max_bins)
+    return tuple(int(c) for c in cfgs[np.argmax(_feasible(bounds, cfgs))])
+
+
+# -- the prior -----------------------------------------------------------------------------------
+def _allowed_bins(space: WidthSpace) -> np.ndarray:
+    """(G, N+1) bool: bin w is allowed for group g (column 0 never is)."""
+    w = np.arange(space.bins + 1)
+    return (w >= space.min_bins[:, None]) & (w <= space.max_bins[:, None])
+
+
+def _uniform_prior(space: WidthSpace) -> np.ndarray:
+    allowed = _allowed_bins(space).astype(np.float64)
+    return allowed / allowed.sum(1, keepdims=True)
+
+
+def expected_cost(space: WidthSpace, probs: torch.Tensor, metric: str = "flops") -> torch.Tensor:
+    """Exact expected FLOPs or params when each group's bin is drawn independently from its row of
+    `probs` (G, N+1). Layer dims are affine in the kept channels, so
+    E[out*in] = E[out] E[in] + sum_g Mo[l,g] Mi[l,g] Var(k_g). Differentiable in `probs`."""
+    c = space.cost
+    prefix = "flop" if metric == "flops" else "param"
+    t = lambda a: torch.as_tensor(a, dtype=probs.dtype, device=probs.device)  # noqa: E731
+    widths = t(space.width_table)
+    mean = (probs * widths).sum(1)
+    var = (probs * widths ** 2).sum(1) - mean ** 2
+    mo, mi = t(getattr(c, prefix + "_out_m")), t(getattr(c, prefix + "_in_m"))
+    out = t(getattr(c, prefix + "_out")) + mo @ mean
+    inn = t(getattr(c, prefix + "_in")) + mi @ mean
+    product = out * inn + (mo * mi) @ var
+    total = product @ t(getattr(c, prefix + "_coef")) + getattr(c, metric + "_constant")
+    return total + out @ t(c.param_lin) if metric == "params" else total
+
+
+def _loss_table(space: WidthSpace, records) -> np.ndarray:
+    """E[l, w]: mean recorded loss of the records whose group l had bin w; cells no record saw get
+    the largest recorded loss + 1 (worse than anything seen, on the losses' own scale)."""
+    losses = np.array([float(r[0]) for r in records])
+    cfgs = np.array([list(r[1]) for r in records], dtype=np.int64).reshape(len(records), -1)
+    if cfgs.shape[1] != len(space) or np.any((cfgs < space.min_bins) | (cfgs > space.max_bins)):
+        raise ConfigError("the records do not fit this width space (wrong number of groups or bins "
+                          "outside the allowed range): were they recorded on another supernet?")
+    total = np.zeros((len(space), space.bins + 1))
+    count = np.zeros_like(total)
+    rows = np.broadcast_to(np.arange(len(space)), cfgs.shape)
+    np.add.at(total, (rows, cfgs), losses[:, None])
+    np.add.at(count, (rows, cfgs), 1)
+    return np.where(count > 0, total / np.maximum(count, 1), losses.max() + 1)
+
+
+def fit_prior(space: WidthSpace, records, budget, *, lam: float = 10.0, steps: int = 2000,
+              lr: float = 0.003) -> np.ndarray:
+    """BCNet's prior (METHOD section 4): per-group categorical P_l = softmax(theta_l) over bins
+    minimising sum_l sum_w P_l(w) E[l, w] / L + lam * sum_c (1 - Fhat_c(P) / limit_c)^2 over the
+    budget's constraints, with Fhat the exact expected cost, by Adam on theta from uniform.
+    Returns (G, N+1) probabilities, zero outside each group's allowed bins; with no records, the
+    uniform prior. The loss term is linear in P, so run to convergence P collapses onto single
+    (noisy) cells; the default lr x steps bounds how far theta moves: expected costs meet the
+    limits within a few percent while each group keeps several likely bins."""
+    bounds = constraints(space, budget)
+    if not records:
+        return _uniform_prior(space)
+    table = torch.tensor(_loss_table(space, records))
+    allowed = torch.tensor(_allowed_bins(space))
+    theta = torch.zeros(table.shape, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.Adam([theta], lr=lr)
+    for _ in range(steps):
+        probs = torch.softmax(theta.masked_fill(~allowed, -torch.inf), dim=1)
+        objective = (probs * table).sum() / len(space)
+        for b in bounds:
+            objective = objective + lam * (1 - expected_cost(space, probs, b.metric) / b.limit) ** 2
+        optimiser.zero_grad()
+        objective.backward()
+        optimiser.step()
+    with torch.no_grad():
+        return torch.softmax(theta.masked_fill(~allowed, -torch.inf), dim=1).numpy()
+
+
+def _sample(probs: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """(count, G) configurations, each group's bin drawn independently from its row of `probs`."""
+    cum = np.cumsum(probs, axis=1)
+    cum /= cum[:, -1:]
+    u = rng.random((count, len(probs)))
+    return (u[:, :, None] >= cum[None]).sum(-1)
+
+
+# -- the evolutionary search ---------------------------------------------------------------------
+class Evaluated(NamedTuple):
+    """One scored candidate; `generation` 0 is the initial population."""
+    cfg: tuple
+    score_left: float
+    score_right: float
+    flops: float
+    params: float
+    generation: int
+
+
+@dataclass
+class SearchResult:
+    """The best configuration found, its better side, its scores and costs, the resolved limits,
+    and every scored candidate (for an accuracy-vs-cost plot)."""
+    cfg: tuple
+    side: str
+    score_left: float
+    score_right: float
+    score: float
+    costs: dict
+    limits: dict
+    history: list = field(repr=False)  # [Evaluated], every candidate in evaluation order
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["cfg"] = list(self.cfg)
+        d["history"] = [dict(e._asdict(), cfg=list(e.cfg)) for e in self.history]
+        return d
+
+
+def _initial_population(space, bounds, prior, size, window, rng) -> list:
+    """Distinct feasible candidates whose primary cost lies in window x limit, drawn from the prior
+    and, when it is too concentrated to give enough distinct ones, uniformly; if the window holds
+    too few, the rest are any feasible candidates."""
+    primary = bounds[0]
+    chosen = {}  # insertion-ordered set
+    for in_window in (True, False):
+        for source in (prior, _uniform_prior(space)):
+            for _ in range(_DRAW_ROUNDS):
+                cfgs = _sample(source, max(_DRAW_BATCH, 20 * size), rng)
+                ok = _feasible(bounds, cfgs)
+                if in_window:
+                    cost = primary.cost(cfgs)
+                    ok &= (cost >= window[0] * primary.limit) & (cost <= window[1] * primary.limit)
+                for cfg in cfgs[ok]:
+                    chosen.setdefault(tuple(int(c) for c in cfg))
+                    if len(chosen) == size:
+                        return list(chosen)
+        if in_window:
+            log.warning("only %d distinct configurations with %s in [%g, %g] x %s found for an initial "
+                        "population of %d; filling it with cheaper ones", len(chosen), primary.metric,
+                        window[0], window[1], human(primary.metric, primary.limit), size)
+    chosen.setdefault(space.min())  # the smallest configuration is always feasible
+    return list(chosen)
+
+
+def _children(count, make, bounds, evaluated, rng) -> list:
+    """Up to `count` new feasible configurations, never evaluated before; `make(rng)` proposes
+    one, and each slot gets _CHILD_TRIES proposals."""
+    children = {}
+    for _ in range(count):
+        for _ in range(_CHILD_TRIES):
+            cfg = tuple(int(c) for c in make(rng))
+            if cfg not in evaluated and cfg not in children and _feasible(bounds, np.array([cfg]))[0]:
+                children[cfg] = None
+                break
+    return list(children)
+
+
+def search(net: Supernet, budget, train_data, val_data, *, records=None, effort: float = 1.0,
+           window=(0.8, 1.0), seed: int = 0, calib_batches: int = 20, max_val_batches: int | None = None,
+           sides=("left", "right"), progress: bool = True) -> SearchResult:
+    """Evolutionary width search on a trained supernet (METHOD section 6).
+
+    `budget`: a Budget or a string such as "flops<=50%,params<=2M". `train_data` supplies the BN
+    calibration batches, `val_data` (held out, never the test set) the scores; both are iterables
+    of (x, y) batches and should yield the same batches each pass for a reproducible search.
+    `records`: the trainer's (loss, cfg, side) records; they shape the prior (uniform without).
+    `effort` scales population, generations, top-k, mutations and crossovers (1.0 = 50, 40, 10,
+    25, 25). Fitness is the mean of the scores on `sides` (both for BCNet; ("left",) for a UA
+    supernet, whose right paths were never trained); the result's side is the better one of the
+    best configuration. A side not scored is recorded as NaN.
+    """
+    if not sides or any(side not in ("left", "right") for side in sides):
+        raise ConfigError(f"sides must be a non-empty subset of ('left', 'right'), got {sides!r}")
+    if not effort > 0:
+        raise ConfigError(f"effort must be positive, got {effort}")
+    if not 0 <= window[0] <= window[1]:
+        raise ConfigError(f"window must be (low, high) with 0 <= low <= high, got {window}")
+    space = net.space
+    bounds = constraints(space, budget)
+    rank, world = _world()
+    # each rank keeps its own records, but all ranks must draw the same candidates: rank 0's prior
+    prior = fit_prior(space, records, budget) if rank == 0 else _uniform_prior(space)
+    if world > 1:
+        shared = torch.as_tensor(prior, device=_device(net))
+        dist.broadcast(shared, 0)
+        prior = shared.cpu().numpy()
+    population = max(8, round(50 * effort))
+    generations = max(3, round(40 * effort))
+    top_k = max(3, round(10 * effort))
+    mutations = max(4, round(25 * effort))
+    crossovers = max(4, round(25 * effort))
+    rng = np.random.default_rng(seed)
+    log.info("searching %s: population %d, %d generations, top %d, %d mutations + %d crossovers",
+             ", ".join(b.text for b in bounds), population, generations, top_k, mutations, crossovers)
+
+    evaluated = {}  # cfg -> (left, right): the score cache; children are never re-scored
+    history = []
+
+    def evaluate(cfg, generation):
+        left, right = (score(net, cfg, side, val_data, train_data, calib_batches=calib_batches,
+                             max_batches=max_val_batches) if side in sides else float("nan")
+                       for side in ("left", "right"))
+        evaluated[cfg] = (left, right)
+        history.append(Evaluated(cfg, left, right, float(space.flops(cfg)), float(space.params(cfg)), generation))
+
+    def fitness(cfg):
+        left, right = evaluated[cfg]
+        return sum(v for v, side in ((left, "left"), (right, "right")) if side in sides) / len(sides)
+
+    def mutate(rng):
+        parent = np.array(top[rng.integers(len(top))])
+        redraw = rng.random(len(parent)) < _MUTATION_PROB
+        return np.where(redraw, _sample(prior, 1, rng)[0], parent)
+
+    def cross(rng):
+        a, b = rng.choice(len(top), size=2, replace=False)
+        return np.where(rng.random(len(space)) < 0.5, top[a], top[b])
+
+    candidates = _initial_population(space, bounds, prior, population, window, rng)
+    top = []
+    bar = tqdm(range(generations), desc="search", disable=not progress or rank != 0 or not sys.stderr.isatty())
+    for generation in bar:
+        if generation > 0:
+            candidates = _children(mutations, mutate, bounds, evaluated, rng)
+            if len(top) > 1:
+                candidates += _children(crossovers, cross, bounds, evaluated.keys() | set(candidates), rng)
+        for cfg in candidates:
+            evaluate(cfg, generation)
+        top = sorted(evaluated, key=fitness, reverse=True)[:top_k]  # stable: ties keep first-seen
+        bar.set_postfix(best=f"{fitness(top[0]):.4f}")
+        log.debug("generation %d: %d new candidates, best %.4f %s", generation, len(candidates),
+                  fitness(top[0]), top[0])
+
+    best = top[0]
+    left, right = evaluated[best]
+    result = SearchResult(
+        cfg=best, side="right" if "left" not in sides or right > left else "left", score_left=left, score_right=right,
+        score=fitness(best), costs={"flops": float(space.flops(best)), "params": float(space.params(best))},
+        limits={b.metric: b.limit for b in bounds},
+        history=history)
+    log.info("best %s (%s side): score %.4f (left %.4f, right %.4f), %s, %s; %d candidates scored",
+             best, result.side, result.score, left, right, human("flops", result.costs["flops"]),
+             human("params", result.costs["params"]), len(history))
+    return result

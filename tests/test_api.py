@@ -1,0 +1,123 @@
+"""compress() end to end and the command line, on a real small network and real files."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import compressor as cz
+from conftest import TinyNet, assert_unchanged, quadrant_data, snapshot
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    torch.manual_seed(0)
+    model = TinyNet(width=16)
+    cz.finetune(model, quadrant_data(512), epochs=8, lr=0.1, progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def bcnet_run(pretrained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    before = snapshot(pretrained)
+    result = cz.compress(pretrained, "flops<=50%", quadrant_data(512), quadrant_data(256, seed=1),
+                         supernet_epochs=1, finetune_epochs=1, batch_size=32, effort=0.1, bins=10, divisor=1,
+                         out_dir=str(out), export=["onnx"], progress=False)
+    return result, out, before
+
+
+def test_compress_meets_the_budget_and_keeps_accuracy(bcnet_run, pretrained):
+    result, out, before = bcnet_run
+    assert_unchanged(pretrained, before)  # the user's model is never touched
+    assert result.result["flops"] <= 0.5 * result.original["flops"] == result.limits["flops"]
+    assert result.result["flops"] == cz.measure_flops(result.model, torch.randn(1, 3, 16, 16))
+    assert result.result["params"] < result.original["params"]
+    assert result.result["accuracy"] > 0.8 and result.original["accuracy"] > 0.9
+    assert result.side in ("left", "right") and len(result.widths) == 3
+    assert set(result.timings) >= {"analyze_s", "supernet_s", "search_s", "finetune_s", "total_s"}
+
+
+def test_compress_writes_its_outputs(bcnet_run):
+    result, out, _ = bcnet_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["meets_budget"] and report["widths"] == result.widths
+    assert len(report["search"]["history"]) >= 8
+    assert (out / "pareto.png").stat().st_size > 1000
+    loaded = cz.load_slim(str(out / "model.pt")).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model.eval()(x))
+    assert os.path.isfile(result.paths["onnx"])
+    assert (out / "checkpoints" / "supernet-last.pt").exists()
+
+
+def test_ua_baseline_runs_left_only(pretrained):
+    result = cz.compress(pretrained, "flops<=60%,params<=80%", quadrant_data(256), None, method="ua",
+                         supernet_epochs=1, finetune_epochs=0, batch_size=32, effort=0.1, bins=10, divisor=1,
+                         progress=False)
+    assert result.side == "left" and result.meets_budget()
+    assert all(e["score_right"] != e["score_right"] for e in result.search["history"])  # NaN: not scored
+    json.loads(result.to_json())  # valid JSON (no NaN)
+
+
+@pytest.mark.parametrize("budget, error, message", [
+    ("flops<50%", cz.ConfigError, "bad budget"),
+    ("flops<=1%", cz.InfeasibleBudgetError, "smallest configuration costs"),
+    ("latency<=1ms@ort-cpu", cz.ConfigError, "latency"),
+])
+def test_bad_budgets_fail_before_training(pretrained, budget, error, message, tmp_path):
+    with pytest.raises(error, match=message):
+        cz.compress(pretrained, budget, quadrant_data(64), out_dir=str(tmp_path), progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_bad_arguments(pretrained, tmp_path):
+    with pytest.raises(cz.ConfigError, match="method"):
+        cz.compress(pretrained, "flops<=50%", quadrant_data(64), method="fancy", progress=False)
+    with pytest.raises(cz.ConfigError, match="empty"):
+        cz.compress(pretrained, "flops<=50%", quadrant_data(0), progress=False)
+    with pytest.raises(cz.ConfigError, match="export"):
+        cz.compress(pretrained, "flops<=50%", quadrant_data(64), export=["tflite"], out_dir=str(tmp_path),
+                    progress=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(cz.ConfigError, match="cannot write"):
+        cz.compress(pretrained, "flops<=50%", quadrant_data(64), out_dir=str(blocker / "out"), progress=False)
+
+
+def write_image_folder(root, data):
+    for i, (x, y) in enumerate(data):
+        folder = root / f"class{int(y)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = ((x.clamp(-2, 2) + 2) / 4 * 255).byte().permute(1, 2, 0).numpy()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(folder / f"{i}.png")
+
+
+def test_cli_compress_and_export(tmp_path):
+    write_image_folder(tmp_path / "data" / "train", quadrant_data(256))
+    write_image_folder(tmp_path / "data" / "val", quadrant_data(64, seed=1))
+    factory = tmp_path / "net.py"
+    factory.write_text(f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom conftest import TinyNet\n"
+                       "def build():\n    return TinyNet(width=8)\n")
+    cli = [sys.executable, "-m", "compressor.cli", "-q"]
+    run = subprocess.run(cli + ["compress", "--model", f"{factory}:build", "--data", str(tmp_path / "data"),
+                                "--budget", "flops<=50%", "--out", str(tmp_path / "out"), "--image-size", "16",
+                                "--supernet-epochs", "1", "--finetune-epochs", "0", "--batch-size", "32",
+                                "--effort", "0.1"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["result"]["flops"] <= summary["limits"]["flops"] and "accuracy" in summary["result"]
+    model_path = tmp_path / "out" / "model.pt"
+    run = subprocess.run(cli + ["export", str(model_path), "--image-size", "16"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "out" / "model.onnx").exists()
+    bad = subprocess.run(cli + ["compress", "--model", "torchvision:resnet1000", "--data", str(tmp_path),
+                                "--budget", "flops<=50%", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "torchvision has no model 'resnet1000'" in bad.stderr

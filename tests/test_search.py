@@ -1,0 +1,331 @@
+"""BN recalibration, scoring, budget constraints, the prior and the evolutionary search, on a tiny
+CNN trained for a few seconds on a learnable synthetic task."""
+import copy
+import datetime
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import compressor as cz
+from compressor.errors import ConfigError, InfeasibleBudgetError
+from compressor.search import (constraints, expected_cost, fit_prior, recalibrate_bn, score, search,
+                               uniform_baseline)
+from conftest import assert_unchanged, snapshot
+
+BINS = 10
+CLASSES = 4
+
+
+def tiny_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, CLASSES))
+
+
+def make_data(n, seed):
+    """Each class is a fixed random 16x16 pattern; samples are a scaled pattern plus noise."""
+    templates = torch.randn(CLASSES, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, CLASSES, (n,), generator=g)
+    x = 0.5 * templates[y] + torch.randn(n, 3, 16, 16, generator=g)
+    return TensorDataset(x, y)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: on a shared, busy machine a second intra-op thread only adds waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread):
+    """A briefly trained supernet (full width plus a random configuration on both sides per step),
+    so that subnets are better than chance and wider ones better than thinner ones."""
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    space = cz.analyze(model, torch.randn(1, 3, 16, 16), bins=BINS, divisor=1)
+    net = cz.supernet(model, space).train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        for x, y in DataLoader(make_data(1024, seed=1), batch_size=64, shuffle=True):
+            optimiser.zero_grad()
+            cfg = space.random(rng)
+            for set_width in (net.full, lambda: net.set(cfg, "left"), lambda: net.set(cfg, "right")):
+                set_width()
+                nn.functional.cross_entropy(net(x), y).backward()
+            optimiser.step()
+    model.eval()
+    calib = DataLoader(make_data(128, seed=2), batch_size=32)
+    val = DataLoader(make_data(128, seed=3), batch_size=32)
+    return model, space, calib, val
+
+
+@pytest.fixture
+def net(trained):
+    model, space, _, _ = trained
+    return cz.supernet(copy.deepcopy(model), space)
+
+
+def all_configs(space):
+    return np.stack(np.meshgrid(*[np.arange(lo, hi + 1) for lo, hi in zip(space.min_bins, space.max_bins)],
+                                indexing="ij"), -1).reshape(-1, len(space))
+
+
+def accuracy(model, data):
+    with torch.no_grad():
+        hits = sum(int((model(x).argmax(-1) == y).sum()) for x, y in data)
+    return hits / sum(len(y) for _, y in data)
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+def test_space_shape(trained):
+    _, space, _, _ = trained
+    assert len(space) == 2 and sorted(space.sizes) == [16, 32]
+
+
+def test_recalibration_changes_statistics_and_score_restores_them(net, trained):
+    _, space, calib, val = trained
+    bn = net.model[1]
+    before = bn.running_mean.clone()
+    cfg = tuple(3 if g.size == 16 else 5 for g in space.groups)  # bin 3 of 16 channels keeps 5
+    recalibrate_bn(net, cfg, "right", calib, batches=2)
+    assert not torch.allclose(bn.running_mean, before)
+    assert bn.momentum == 0.1 and not bn.training and int(bn.num_batches_tracked) == 2
+    # the right window of 5 of 16 channels: the left ones saw only zeros
+    assert torch.all(bn.running_mean[:11] == 0) and torch.all(bn.running_mean[11:] != 0)
+
+    net.set((4, 4), "left")
+    net.model.train()
+    state = snapshot(net.model)
+    s = score(net, cfg, "left", val, calib, calib_batches=2)  # other statistics than the current ones
+    assert 0 <= s <= 1
+    assert_unchanged(net.model, state)
+    assert (net.cfg, net.side) == ((4, 4), "left")
+
+
+def test_score_equals_accuracy_of_the_slimmed_model(trained):
+    model, space, calib, val = trained
+    model = copy.deepcopy(model)
+    net = cz.supernet(model, space)  # shares the model's tensors: recalibration reaches the model
+    cfg, side = (6, 3), "right"
+    recalibrate_bn(net, cfg, side, calib, batches=3)
+    small = cz.slim(model, space, cfg, side).eval()
+    assert sum(p.numel() for p in small.parameters()) == space.params(cfg)
+    expected = accuracy(small, val)
+    assert 0.3 < expected < 1  # the task is learnt but not saturated: the comparison means something
+    assert score(net, cfg, side, val, calib, calib_batches=3) == pytest.approx(expected, abs=1.5 / 128)
+    # the full model scores better than a thin subnet: scores carry signal
+    assert score(net, space.max(), "left", val, calib, calib_batches=3) > score(net, space.min(), "left", val, calib,
+                                                                               calib_batches=3)
+
+
+def _rank_records(space, rank):
+    """Each trainer rank keeps its own records: here rank 0's say the wider the better, rank 1's
+    the narrower."""
+    return [(float(2 * BINS - c.sum() if rank == 0 else c.sum()) / BINS, tuple(c), "left") for c in all_configs(space)]
+
+
+def _distributed_worker(rank, world, folder, model, space):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=120))  # fail, not hang
+    try:
+        net = cz.supernet(model, space)
+        # each rank calibrates on its own half of the data: statistics are averaged over ranks
+        calib = DataLoader(make_data(128, seed=2), batch_size=32)
+        shard = [b for i, b in enumerate(calib) if i % world == rank]
+        # batches this rank does not own carry wrong labels: they must never be scored here
+        val = [(x, y if i % world == rank else (y + 1) % CLASSES)
+               for i, (x, y) in enumerate(DataLoader(make_data(128, seed=3), batch_size=32))]
+        s = score(net, (6, 3), "left", val, shard, calib_batches=2)
+        found = search(net, "flops<=50%", calib, val, records=_rank_records(space, rank), effort=0.1,
+                       calib_batches=1, max_val_batches=2, progress=False)
+        with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+            json.dump({"score": s, "search": found.to_dict()}, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_ranks_agree_with_a_single_process(trained, tmp_path):
+    model, space, calib, val = trained
+    # fork, as DataLoader workers do: a spawned child would spend most of the test importing torch
+    mp.start_processes(_distributed_worker, args=(2, str(tmp_path), copy.deepcopy(model), space), nprocs=2,
+                       start_method="fork")
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    single = score(cz.supernet(copy.deepcopy(model), space), (6, 3), "left", val, calib, calib_batches=4)
+    assert results[0]["score"] == results[1]["score"] == pytest.approx(single, abs=1.5 / 128)
+    # the ranks searched in lockstep on rank 0's prior, each scoring half of the batches: exactly
+    # what one process with rank 0's records finds
+    alone = search(cz.supernet(copy.deepcopy(model), space), "flops<=50%", calib, val, records=_rank_records(space, 0),
+                   effort=0.1, calib_batches=1, max_val_batches=2, progress=False)
+    assert results[0]["search"] == results[1]["search"] == json.loads(json.dumps(alone.to_dict()))
+
+
+# -- budgets ---------------------------------------------------------------------------------------
+def test_infeasible_budget_names_the_smallest_cost(trained):
+    _, space, _, _ = trained
+    smallest = space.params(space.min())
+    assert 100 < smallest < 1000
+    with pytest.raises(InfeasibleBudgetError,
+                       match=f"params<=100 needs <= 100 params but the smallest configuration costs {smallest} params"):
+        constraints(space, "params<=100")
+    with pytest.raises(InfeasibleBudgetError, match="flops<=0.1%"):
+        uniform_baseline(space, "flops<=0.1%")
+
+
+def test_latency_budget_needs_a_latency_model(trained):
+    _, space, _, _ = trained
+    with pytest.raises(ConfigError, match="latency model"):
+        constraints(space, "latency<=3ms@ort-cpu")
+
+
+@pytest.mark.parametrize("budget", ["flops<=50%", "params<=30%", "flops<=80%,params<=40%", "flops<=100%"])
+def test_uniform_baseline_is_the_widest_feasible(trained, budget):
+    _, space, _, _ = trained
+    bounds = constraints(space, budget)
+    cfg = uniform_baseline(space, budget)
+    assert len(set(cfg)) == 1
+    assert all(getattr(space, b.metric)(cfg) <= b.limit for b in bounds)
+    wider = cfg[0] + 1
+    assert wider > BINS or any(getattr(space, b.metric)((wider,) * len(space)) > b.limit for b in bounds)
+
+
+# -- the prior -------------------------------------------------------------------------------------
+class Residual(nn.Module):
+    """The second conv's input and output are the same group (tied by the add): its expected cost
+    needs the variance term."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12))
+        self.block = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1), nn.BatchNorm2d(12))
+        self.head = nn.Sequential(nn.Conv2d(12, 20, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(20, 3))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(x + self.block(x))
+
+
+@pytest.mark.parametrize("metric", ["flops", "params"])
+def test_expected_cost_is_exact(metric):
+    space = cz.analyze(Residual(), torch.randn(1, 3, 8, 8), bins=BINS, divisor=1)
+    cost = getattr(space, metric)
+    assert np.any(space.cost.flop_out_m * space.cost.flop_in_m)  # a layer whose out and in share a group
+    rng = np.random.default_rng(0)
+    # one-hot P: the exact cost of that configuration
+    for _ in range(5):
+        cfg = space.random(rng)
+        onehot = np.zeros((len(space), BINS + 1))
+        onehot[np.arange(len(space)), cfg] = 1
+        assert float(expected_cost(space, torch.tensor(onehot), metric)) == pytest.approx(cost(cfg), rel=1e-12)
+    # random P: the Monte-Carlo mean, within 4 standard errors
+    probs = rng.dirichlet(np.ones(BINS), size=len(space))
+    probs = np.concatenate([np.zeros((len(space), 1)), probs], axis=1)
+    samples = np.stack([rng.choice(BINS + 1, size=200_000, p=p) for p in probs], axis=1)
+    costs = cost(samples)
+    exact = float(expected_cost(space, torch.tensor(probs), metric))
+    assert abs(exact - costs.mean()) < 4 * costs.std() / np.sqrt(len(costs))
+
+
+def test_prior_concentrates_on_low_loss_bins(trained):
+    _, space, _, _ = trained
+    configs = all_configs(space)
+    # loss lowest at bins (7, 4); the budget is exactly that configuration's FLOPs
+    records = [(float(abs(c[0] - 7) + abs(c[1] - 4)) / 10, tuple(c), "left") for c in configs]
+    target = space.flops((7, 4)) / space.flops(space.max())
+    prior = fit_prior(space, records, f"flops<={100 * target:.6f}%", steps=300, lr=0.1)
+    assert prior.shape == (2, BINS + 1) and np.allclose(prior.sum(1), 1) and np.all(prior[:, 0] == 0)
+    assert tuple(prior.argmax(1)) == (7, 4) and prior[0, 7] > 0.5 and prior[1, 4] > 0.5
+
+    # loss falls with width; the budget caps it: the expected cost settles at the budget
+    records = [(float(2 * BINS - c.sum()) / BINS, tuple(c), "left") for c in configs]
+    for budget, metric in (("flops<=40%", "flops"), ("params<=60%", "params")):
+        limit = constraints(space, budget)[0].limit
+        prior = fit_prior(space, records, budget, steps=300, lr=0.1)
+        assert float(expected_cost(space, torch.tensor(prior), metric)) == pytest.approx(limit, rel=0.05)
+
+
+def test_prior_needs_records_of_this_space(trained):
+    _, space, _, _ = trained
+    with pytest.raises(ConfigError, match="records"):
+        fit_prior(space, [(1.0, (3, 4, 5), "left")], "flops<=50%")
+
+
+# -- the search ------------------------------------------------------------------------------------
+def _budgets(space):
+    """(budget text, {metric: absolute limit}, primary metric): one or two feasible constraints,
+    relative or absolute, with the limits worked out here rather than by the code under test."""
+    full = {m: getattr(space, m)(space.max()) for m in ("flops", "params")}
+    least = {m: getattr(space, m)(space.min()) / full[m] for m in full}
+
+    def constraint(metric, relative, fraction):
+        if relative:
+            percent = round(100 * fraction, 4)
+            return f"{metric}<={percent}%", full[metric] * percent / 100
+        value = round(fraction * full[metric])
+        return f"{metric}<={value}", value
+
+    def case(parts):
+        rendered = [constraint(*p) for p in parts]
+        return ",".join(t for t, _ in rendered), {p[0]: lim for p, (_, lim) in zip(parts, rendered)}, parts[0][0]
+
+    def part(metric):
+        return st.tuples(st.just(metric), st.booleans(), st.floats(least[metric] * 1.05, 1.0))
+
+    orders = st.sampled_from([("flops",), ("params",), ("flops", "params"), ("params", "flops")])
+    return orders.flatmap(lambda ms: st.tuples(*map(part, ms))).map(case)
+
+
+def test_search_respects_every_constraint_and_the_window(trained):
+    model, space, calib, val = trained
+    net = cz.supernet(copy.deepcopy(model), space)
+    configs = all_configs(space)
+
+    @settings(max_examples=8, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(case=_budgets(space), seed=st.integers(0, 100))
+    def check(case, seed):
+        budget, limits, primary = case
+        result = search(net, budget, calib, val, effort=0.1, seed=seed, calib_batches=1, max_val_batches=1,
+                        progress=False)
+        assert result.limits == pytest.approx(limits)
+        for e in result.history:
+            assert all(getattr(space, m)(e.cfg) <= limit for m, limit in limits.items())
+            assert (e.flops, e.params) == (space.flops(e.cfg), space.params(e.cfg))
+        assert len({e.cfg for e in result.history}) == len(result.history)  # every candidate distinct
+        assert all(result.costs[m] <= limit for m, limit in limits.items())
+        assert result.score == max((e.score_left + e.score_right) / 2 for e in result.history)
+        # the initial population: a full population inside the window, or every in-window config
+        fits = np.all([getattr(space, m)(configs) <= limit for m, limit in limits.items()], axis=0)
+        window = {tuple(c) for c in configs[fits & (getattr(space, primary)(configs) >= 0.8 * limits[primary])]}
+        first = {e.cfg for e in result.history if e.generation == 0}
+        if len(window) >= 8:
+            assert first <= window and len(first) == 8
+        else:
+            assert window <= first
+
+    check()
+
+
+def test_search_is_reproducible(trained, net):
+    _, space, calib, val = trained
+    run = lambda seed: search(net, "flops<=50%", calib, val, effort=0.1, seed=seed, calib_batches=1,  # noqa: E731
+                              max_val_batches=2, progress=False)
+    a, b, c = run(0), run(0), run(1)
+    assert json.dumps(a.to_dict()) == json.dumps(b.to_dict())
+    assert [e.cfg for e in a.history] != [e.cfg for e in c.history]
+    left, right = a.score_left, a.score_right
+    assert a.side == ("left" if left >= right else "right") and a.score == (left + right) / 2
+    assert a.limits == {"flops": pytest.approx(0.5 * space.flops(space.max()))}
