@@ -50,7 +50,9 @@ class _AffineDims:
         self.add(value, ())
 
     def arrays(self):
-        return np.array(self.fixed, dtype=np.float64), np.array(self.rows).reshape(-1, self.n_groups)
+        """(fixed (L,), multiplicities (G, L)): transposed so a cost is k @ matrix."""
+        rows = np.array(self.rows).reshape(-1, self.n_groups)
+        return np.array(self.fixed, dtype=np.float64), np.ascontiguousarray(rows.T)
 
 
 class CostModel:
@@ -98,6 +100,7 @@ class CostModel:
                 p_coef.append(0)
                 p_lin.append(2)
 
+        # the multiplicity matrices are stored transposed, (G, L), for k @ M
         self.flop_out, self.flop_out_m = f_out.arrays()
         self.flop_in, self.flop_in_m = f_in.arrays()
         self.flop_coef = np.array(f_coef, dtype=np.float64)
@@ -125,18 +128,18 @@ class CostModel:
             in_dims.add(total_in, coverage.get((name, "in"), ()))
 
     def _flops(self, k):
-        out = self.flop_out + k @ self.flop_out_m.T
-        inn = self.flop_in + k @ self.flop_in_m.T
+        out = self.flop_out + k @ self.flop_out_m
+        inn = self.flop_in + k @ self.flop_in_m
         return (out * inn) @ self.flop_coef
 
     def _params(self, k):
-        out = self.param_out + k @ self.param_out_m.T
-        inn = self.param_in + k @ self.param_in_m.T
+        out = self.param_out + k @ self.param_out_m
+        inn = self.param_in + k @ self.param_in_m
         return (out * inn) @ self.param_coef + out @ self.param_lin
 
     def flops(self, k):
         """FLOPs of one sample for kept-channel vector(s) `k` (shape (G,) or (B, G))."""
-        return self._flops(np.asarray(k, dtype=np.float64)) + self.flops_constant
+        return self._flops(k.astype(np.float64)) + self.flops_constant
 
     def params(self, k):
-        return self._params(np.asarray(k, dtype=np.float64)) + self.params_constant
+        return self._params(k.astype(np.float64)) + self.params_constant

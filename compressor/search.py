@@ -204,10 +204,10 @@ def expected_cost(space: WidthSpace, probs: torch.Tensor, metric: str = "flops")
     widths = t(space.width_table)
     mean = (probs * widths).sum(1)
     var = (probs * widths ** 2).sum(1) - mean ** 2
-    mo, mi = t(getattr(c, prefix + "_out_m")), t(getattr(c, prefix + "_in_m"))
-    out = t(getattr(c, prefix + "_out")) + mo @ mean
-    inn = t(getattr(c, prefix + "_in")) + mi @ mean
-    product = out * inn + (mo * mi) @ var
+    mo, mi = t(getattr(c, prefix + "_out_m")), t(getattr(c, prefix + "_in_m"))  # (G, L)
+    out = t(getattr(c, prefix + "_out")) + mean @ mo
+    inn = t(getattr(c, prefix + "_in")) + mean @ mi
+    product = out * inn + var @ (mo * mi)
     total = product @ t(getattr(c, prefix + "_coef")) + getattr(c, metric + "_constant")
     return total + out @ t(c.param_lin) if metric == "params" else total
 

@@ -81,6 +81,9 @@ class WidthSpace:
     # -- configurations ------------------------------------------------------------------
     def check(self, cfg) -> tuple:
         """Validate a configuration and return it as a tuple of ints."""
+        return tuple(self._valid(cfg).tolist())
+
+    def _valid(self, cfg) -> np.ndarray:
         try:
             arr = np.asarray(cfg)
         except Exception as e:
@@ -89,17 +92,17 @@ class WidthSpace:
             raise ConfigError(
                 f"a configuration needs one bin per group: {len(self.groups)} entries, got "
                 f"{arr.shape[0] if arr.ndim == 1 else 'shape ' + str(arr.shape)}")
-        if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            if not (np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr))):
+        if arr.dtype.kind not in "iu":
+            if arr.dtype.kind != "f" or not np.all(arr == np.round(arr)):
                 raise ConfigError(f"configuration entries must be integers, got {cfg!r}")
             arr = arr.astype(np.int64)
-        bad = np.nonzero((arr < self.min_bins) | (arr > self.max_bins))[0]
-        if bad.size:
-            i = int(bad[0])
+        bad = (arr < self.min_bins) | (arr > self.max_bins)
+        if bad.any():
+            i = int(np.argmax(bad))
             raise ConfigError(
                 f"configuration entry {i} (group '{self.groups[i].name}') is {int(arr[i])}, outside "
                 f"its allowed bins {int(self.min_bins[i])}..{int(self.max_bins[i])}")
-        return tuple(int(c) for c in arr)
+        return arr
 
     def max(self) -> tuple:
         return tuple(int(c) for c in self.max_bins)
@@ -137,7 +140,7 @@ class WidthSpace:
             if arr.shape[1] != len(self.groups):
                 raise ConfigError(f"configurations need {len(self.groups)} entries each, got {arr.shape[1]}")
             return self.width_table[self._rows, arr]
-        return self.width_table[self._rows, self.check(cfg)]
+        return self.width_table[self._rows, self._valid(cfg)]
 
     def flops(self, cfg):
         """FLOPs of one sample (one multiply-add = 2) at the example input's size. A 2-D array of
