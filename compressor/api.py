@@ -196,8 +196,8 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
         raise RuntimeError(f"the slim model misses the budget: {measured} vs {limits}")
     if out_dir:
         _write_outputs(result, small, original, space, found, bounds, x, out_dir, export, fit_data)
-    log.info("compressed: %s -> %s FLOPs, %s -> %s params", human("flops", before["flops"]),
-             human("flops", measured["flops"]), before["params"], measured["params"])
+    log.info("compressed: %s -> %s, %s -> %s", human("flops", before["flops"]), human("flops", measured["flops"]),
+             human("params", before["params"]), human("params", measured["params"]))
     return result
 
 

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .budget import parse_budget
 from .errors import ConfigError, InfeasibleBudgetError
+from .latency import attached
 from .space import WidthSpace
 from .supernet import Supernet
 
@@ -137,7 +138,9 @@ class Bound:
 
 
 def human(metric: str, value: float) -> str:
-    """1234567 flops -> '1.23 MFLOPs'; params -> '1.23M params'."""
+    """1234567 flops -> '1.23 MFLOPs'; params -> '1.23M params'; latency (us) -> '1.23 ms'."""
+    if metric == "latency":
+        return f"{value / 1e3:.3g} ms"
     scale = next(((s, p) for s, p in ((1e9, "G"), (1e6, "M"), (1e3, "K")) if abs(value) >= s), (1, ""))
     number = f"{value / scale[0]:.3g}"
     return f"{number} {scale[1]}FLOPs" if metric == "flops" else f"{number}{scale[1]} params"
@@ -152,16 +155,21 @@ def constraints(space: WidthSpace, budget) -> list[Bound]:
     smallest = np.array([space.min()])
     bounds = []
     for c in budget:
-        if c.metric == "latency":
-            raise ConfigError("latency budgets need a latency model: not available yet")
-        cost = getattr(space, c.metric)
-        original = float(getattr(space.cost, c.metric)(space.sizes))
+        if c.metric == "latency":  # predicted by the attached latency model; relative to the measured original
+            original = attached(space, c.target).original_us
+            cost = lambda cfgs, target=c.target: space.latency(cfgs, target)  # noqa: E731
+            where = f" on {c.target}"
+        else:
+            cost = getattr(space, c.metric)
+            original = float(getattr(space.cost, c.metric)(space.sizes))
+            where = ""
         bound = Bound(str(c), c.metric, float(c.limit(original)), lambda cfgs, cost=cost: cost(np.atleast_2d(cfgs)))
         least = float(bound.cost(smallest)[0])
         if least > bound.limit:
             raise InfeasibleBudgetError(
                 f"{bound.text} needs <= {human(c.metric, bound.limit)} but the smallest configuration "
-                f"costs {human(c.metric, least)} (the original model: {human(c.metric, original)})")
+                f"costs {human(c.metric, least)}{where}, the least reachable (the original model: "
+                f"{human(c.metric, original)})")
         bounds.append(bound)
     return bounds
 
@@ -194,10 +202,13 @@ def _uniform_prior(space: WidthSpace) -> np.ndarray:
     return allowed / allowed.sum(1, keepdims=True)
 
 
-def expected_cost(space: WidthSpace, probs: torch.Tensor, metric: str = "flops") -> torch.Tensor:
-    """Exact expected FLOPs or params when each group's bin is drawn independently from its row of
-    `probs` (G, N+1). Layer dims are affine in the kept channels, so
-    E[out*in] = E[out] E[in] + sum_g Mo[l,g] Mi[l,g] Var(k_g). Differentiable in `probs`."""
+def expected_cost(space: WidthSpace, probs: torch.Tensor, metric: str = "flops", target=None) -> torch.Tensor:
+    """Exact expected FLOPs, params or latency (on `target`) when each group's bin is drawn
+    independently from its row of `probs` (G, N+1). Layer dims are affine in the kept channels, so
+    E[out*in] = E[out] E[in] + sum_g Mo[l,g] Mi[l,g] Var(k_g); latency is the latency model's own
+    exact expectation over its per-layer table. Differentiable in `probs`."""
+    if metric == "latency":
+        return attached(space, target).expected(probs)
     c = space.cost
     prefix = "flop" if metric == "flops" else "param"
     t = lambda a: torch.as_tensor(a, dtype=probs.dtype, device=probs.device)  # noqa: E731
@@ -247,8 +258,8 @@ def fit_prior(space: WidthSpace, records, budget, *, lam: float = 10.0, steps: i
     for _ in range(steps):
         probs = torch.softmax(theta.masked_fill(~allowed, -torch.inf), dim=1)
         objective = (probs * table).sum() / len(space)
-        for b in bounds:
-            objective = objective + lam * (1 - expected_cost(space, probs, b.metric) / b.limit) ** 2
+        for c, b in zip(parse_budget(budget), bounds):
+            objective = objective + lam * (1 - expected_cost(space, probs, b.metric, c.target) / b.limit) ** 2
         optimiser.zero_grad()
         objective.backward()
         optimiser.step()
@@ -295,16 +306,30 @@ class SearchResult:
         return d
 
 
+def canonical_bins(space: WidthSpace) -> np.ndarray:
+    """(G, N+1): each bin mapped to the lowest allowed bin that keeps the same channels. Bins
+    collapse when the divisor rounds them together; canonical configurations are distinct exactly
+    when the networks are, so the search never scores one network twice."""
+    canon = np.tile(np.arange(space.bins + 1), (len(space), 1))
+    for g, row in enumerate(space.width_table):
+        first = {}
+        for c in range(int(space.min_bins[g]), int(space.max_bins[g]) + 1):
+            canon[g, c] = first.setdefault(int(row[c]), c)
+    return canon
+
+
 def _initial_population(space, bounds, prior, size, window, rng) -> list:
     """Distinct feasible candidates whose primary cost lies in window x limit, drawn from the prior
     and, when it is too concentrated to give enough distinct ones, uniformly; if the window holds
     too few, the rest are any feasible candidates."""
     primary = bounds[0]
+    canon, rows = canonical_bins(space), np.arange(len(space))
     chosen = {}  # insertion-ordered set
     for in_window in (True, False):
         for source in (prior, _uniform_prior(space)):
             for _ in range(_DRAW_ROUNDS):
                 cfgs = _sample(source, max(_DRAW_BATCH, 20 * size), rng)
+                cfgs = canon[rows, cfgs]
                 ok = _feasible(bounds, cfgs)
                 if in_window:
                     cost = primary.cost(cfgs)
@@ -386,14 +411,16 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
         left, right = evaluated[cfg]
         return sum(v for v, side in ((left, "left"), (right, "right")) if side in sides) / len(sides)
 
+    canon, rows = canonical_bins(space), np.arange(len(space))
+
     def mutate(rng):
         parent = np.array(top[rng.integers(len(top))])
         redraw = rng.random(len(parent)) < _MUTATION_PROB
-        return np.where(redraw, _sample(prior, 1, rng)[0], parent)
+        return canon[rows, np.where(redraw, _sample(prior, 1, rng)[0], parent)]
 
     def cross(rng):
         a, b = rng.choice(len(top), size=2, replace=False)
-        return np.where(rng.random(len(space)) < 0.5, top[a], top[b])
+        return canon[rows, np.where(rng.random(len(space)) < 0.5, top[a], top[b])]
 
     candidates = _initial_population(space, bounds, prior, population, window, rng)
     top = []

@@ -329,3 +329,19 @@ def test_search_is_reproducible(trained, net):
     left, right = a.score_left, a.score_right
     assert a.side == ("left" if left >= right else "right") and a.score == (left + right) / 2
     assert a.limits == {"flops": pytest.approx(0.5 * space.flops(space.max()))}
+
+
+def test_collapsed_bins_are_never_scored_twice(trained):
+    """With divisor 8, groups of 16 and 32 channels have 2 and 4 distinct widths among 10 bins:
+    the search must score distinct networks, not distinct bin vectors."""
+    model, _, calib, val = trained
+    space = cz.analyze(model, torch.randn(1, 3, 16, 16), bins=BINS, divisor=8)
+    from compressor.search import canonical_bins
+    canon = canonical_bins(space)
+    for g in range(len(space)):
+        for c in range(1, BINS + 1):
+            assert space.width_table[g, canon[g, c]] == space.width_table[g, c] and canon[g, c] <= c
+    result = cz.search(cz.supernet(copy.deepcopy(model), space), "flops<=90%", calib, val, effort=0.1,
+                       progress=False)
+    networks = [tuple(space.channels(e.cfg)) for e in result.history]
+    assert len(networks) == len(set(networks)) > 1
