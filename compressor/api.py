@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .budget import parse_budget
+from .budget import Budget, Constraint, parse_budget
 from .cost import count_params, measure_flops
 from .data import train_val_split
-from .errors import ConfigError
+from .errors import ConfigError, InfeasibleBudgetError
 from .finetune import accuracy, finetune, loader
+from .latency import attached, build_latency_model, runtime
 from .search import constraints, human, recalibrate_bn, search
 from .slim import save_slim, slim
 from .space import analyze, check_model
@@ -31,6 +32,12 @@ from .timing import cpu_latency_ms
 from .train import _check_writable, train_supernet
 
 log = logging.getLogger("compressor")
+LATENCY_RETRIES = 2  # searches again with a tightened limit when the delivered model is too slow
+
+
+class LatencyBudgetMissed(InfeasibleBudgetError):
+    """The slim model, measured on the target, is slower than the latency budget even after the
+    tightened re-searches."""
 
 
 @dataclass
@@ -42,7 +49,8 @@ class CompressionResult:
     method: str
     budget: str
     limits: dict
-    original: dict          # {"flops", "params", "accuracy", "latency_ms"}
+    original: dict          # {"flops", "params", "accuracy", "latency_ms", and with a latency budget
+                            #  "latency" (us, measured on its target) and "latency_predicted"}
     result: dict            # the same, measured on the slim model
     supernet_score: float   # mean of the left and right held-out scores of the chosen configuration
     timings: dict
@@ -114,14 +122,19 @@ def plot_pareto(history, chosen, limit, path, metric="flops"):
 
 def compress(model: nn.Module, budget, train_data, val_data=None, *, example_input=None, method="bcnet",
              supernet_epochs=1.0, finetune_epochs=1.0, batch_size=64, lr=0.05, finetune_lr=0.01,
-             distill=False, effort=0.25, search_fraction=0.1, bins=20, divisor=8, exclude=(),
-             device=None, out_dir=None, seed=0, export=(), progress=True) -> CompressionResult:
+             distill=False, effort=0.25, search_fraction=0.1, calib_batches=20, bins=20, divisor=8, exclude=(),
+             device=None, out_dir=None, seed=0, export=(), progress=True, latency_options=None) -> CompressionResult:
     """Compress a pretrained `model` to meet `budget` (e.g. "flops<=50%" or "flops<=50%,params<=2M").
 
     `train_data` is a Dataset of (image, label); a `search_fraction` of it is held out to score
     candidates. `val_data` (optional) measures the accuracy of the original and the result.
     `method` is "bcnet" or the "ua" baseline. `effort` scales the evolutionary search (1.0 = the
-    paper's 50 x 40). With `out_dir`, writes report.json, model.pt (cz.load_slim), pareto.png and
+    paper's 50 x 40). A latency budget ("latency<=3ms@ort-cpu", "latency<=60%@ort-cpu") builds the
+    latency model of the target first (`latency_options`: keyword arguments of
+    compressor.latency.build_latency_model, e.g. cache_dir, points, calibration); the chosen slim
+    model is then measured on the target and, when it misses, searched again with the limit
+    tightened by measured/limit (at most LATENCY_RETRIES times) before LatencyBudgetMissed is
+    raised. With `out_dir`, writes report.json, model.pt (cz.load_slim), pareto.png and
     the `export` artifacts ("onnx", "trt-fp32", "trt-fp16", "trt-int8"), and keeps supernet
     checkpoints there so an interrupted run resumes. The user's model is never modified.
     """
@@ -149,6 +162,11 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     timings = {}
     t = time.time()
     space = analyze(work, example_input.to(device), bins=bins, divisor=divisor, exclude=exclude)
+    latency = _latency_constraint(budget)
+    if latency is not None:
+        t_model = time.time()
+        build_latency_model(work, space, latency.target, progress=progress, **(latency_options or {}))
+        timings["latency_model_s"] = time.time() - t_model
     bounds = constraints(space, budget)  # raises InfeasibleBudgetError before any training
     limits = {b.metric: b.limit for b in bounds}
     timings["analyze_s"] = time.time() - t
@@ -165,13 +183,20 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
 
     t = time.time()
     calib, scoring = loader(fit_data, batch_size), loader(held_out, batch_size)
-    found = search(net, budget, calib, scoring, records=trained.records, effort=effort, seed=seed,
-                   sides=("left",) if method == "ua" else ("left", "right"), progress=progress)
+    search_budget, attempts = budget, []
+    while True:
+        found = search(net, search_budget, calib, scoring, records=trained.records, effort=effort, seed=seed,
+                       sides=("left",) if method == "ua" else ("left", "right"), progress=progress)
+        # the slim model inherits BN statistics calibrated for its configuration
+    recalibrate_bn(net, found.cfg, found.side, calib, batches=calib_batches)
+        net.full()
+        small = slim(work, space, found.cfg, found.side)
+        if latency is None:
+            break
+        search_budget = _delivery_check(small, space, found, latency, limits["latency"], search_budget, attempts)
+        if search_budget is None:
+            break
     timings["search_s"] = time.time() - t
-
-    recalibrate_bn(net, found.cfg, found.side, calib)  # the slim model inherits calibrated statistics
-    net.full()
-    small = slim(work, space, found.cfg, found.side)
     t = time.time()
     finetune(small, fit_data, epochs=finetune_epochs, batch_size=batch_size, lr=finetune_lr,
              teacher=original if distill else None, seed=seed, progress=progress)
@@ -183,6 +208,11 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     if device.type == "cpu":
         before["latency_ms"] = cpu_latency_ms(original, x)
         measured["latency_ms"] = cpu_latency_ms(small, x)
+    if latency is not None:
+        before["latency"] = attached(space, latency.target).original_us
+        before["latency_predicted"] = space.latency(space.max(), latency.target)
+        measured["latency"] = attempts[-1]["measured_us"]
+        measured["latency_predicted"] = attempts[-1]["predicted_us"]
     if val_data is not None:
         before["accuracy"] = accuracy(original, val_data)
         measured["accuracy"] = accuracy(small, val_data)
@@ -191,7 +221,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     result = CompressionResult(
         model=small, widths=list(found.cfg), side=found.side, channels=space.channels(found.cfg), method=method,
         budget=str(budget), limits=limits, original=before, result=measured, supernet_score=found.score,
-        timings={k: round(v, 2) for k, v in timings.items()}, search=found.to_dict())
+        timings={k: round(v, 2) for k, v in timings.items()}, search=dict(found.to_dict(), latency_attempts=attempts))
     if not result.meets_budget():  # the cost model is exact: this would be a bug, not a near miss
         raise RuntimeError(f"the slim model misses the budget: {measured} vs {limits}")
     if out_dir:
@@ -199,6 +229,44 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     log.info("compressed: %s -> %s, %s -> %s", human("flops", before["flops"]), human("flops", measured["flops"]),
              human("params", before["params"]), human("params", measured["params"]))
     return result
+
+
+def _latency_constraint(budget):
+    """The budget's latency constraint, or None; compress() supports one latency target."""
+    found = [c for c in budget if c.metric == "latency"]
+    if len(found) > 1:
+        raise ConfigError(f"compress() takes one latency target per run, got {', '.join(map(str, found))}")
+    return found[0] if found else None
+
+
+def _delivery_check(small, space, found, latency, limit, search_budget, attempts):
+    """Measure the slim model end to end on the target and record the attempt. Returns None when it
+    meets `limit`, else the budget to search again with: the latency limit divided by
+    measured/limit. Raises LatencyBudgetMissed after LATENCY_RETRIES re-searches, or when the
+    tightened limit is below anything the space reaches."""
+    model = attached(space, latency.target)
+    delivered = runtime(model.target).measure(small, model.target.example(), what="the slim model")
+    searched = next(c for c in search_budget if c.metric == "latency").limit(model.original_us)
+    attempts.append({"cfg": list(found.cfg), "limit_us": searched, "predicted_us": space.latency(found.cfg, latency.target),
+                     "measured_us": delivered.median_us, "p90_us": delivered.p90_us, "unstable": delivered.unstable})
+    if delivered.median_us <= limit:
+        return None
+    ratio = delivered.median_us / limit
+    missed = (f"the slim model measures {human('latency', delivered.median_us)} on {latency.target}, "
+              f"{100 * (ratio - 1):.1f}% over the budget {latency} = {human('latency', limit)} (predicted "
+              f"{human('latency', attempts[-1]['predicted_us'])})")
+    if len(attempts) > LATENCY_RETRIES:
+        raise LatencyBudgetMissed(f"{missed}, after {LATENCY_RETRIES} re-searches with tightened limits: "
+                                  f"loosen the budget or rebuild the latency model with more calibration points")
+    tightened = Constraint("latency", round(searched / ratio, 1), target=latency.target)
+    log.warning("%s: searching again with the limit tightened to %s", missed, human("latency", tightened.value))
+    budget = Budget([tightened if c.metric == "latency" else c for c in search_budget])
+    try:
+        constraints(space, budget)
+    except InfeasibleBudgetError as e:
+        raise LatencyBudgetMissed(f"{missed}; a search with the limit tightened to "
+                                  f"{human('latency', tightened.value)} is infeasible: {e}") from e
+    return budget
 
 
 def _write_outputs(result, small, original, space, found, bounds, x, out_dir, export, calib_data):

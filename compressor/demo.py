@@ -88,8 +88,9 @@ def run_demo(out_dir=None, seed=0, progress=True, budget="flops<=50%"):
     print(f"pretraining DemoNet on {len(train)} generated images of {len(CLASSES)} shapes ...", flush=True)
     finetune(model, train, epochs=4, lr=0.1, batch_size=64, seed=seed, progress=progress)
     print(f"compressing to {budget} with BCNet ...", flush=True)
-    # divisor 2: the demo's groups have 8 to 32 channels, too few for the default alignment of 8
-    result = compress(model, budget, train, test, supernet_epochs=3, finetune_epochs=2, effort=0.15, divisor=2,
+    # divisor 4: the demo's groups have 8 to 32 channels, too few for the default alignment of 8
+    result = compress(model, budget, train, test, supernet_epochs=3, finetune_epochs=2, effort=0.15, divisor=4,
+                      calib_batches=10,
                       lr=0.05, finetune_lr=0.02, out_dir=out_dir, seed=seed, progress=progress)
     rows = [("top-1 accuracy (held-out test)", f"{result.original['accuracy']:.1%}", f"{result.result['accuracy']:.1%}"),
             ("MFLOPs per image", f"{result.original['flops'] / 1e6:.2f}", f"{result.result['flops'] / 1e6:.2f}"),
