@@ -20,6 +20,8 @@ def machine_info() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
@@ -29,10 +31,7 @@ def machine_info() -> dict:
 
 def write_result(name: str, payload: dict) -> str:
     """Write JSON under benchmarks/results/ atomically; returns the path."""
-    os.makedirs(RESULTS, exist_ok=True)
+    from compressor.files import write_text_atomic
     path = os.path.join(RESULTS, name)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=1), make_folder=True)
     return path

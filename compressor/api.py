@@ -10,7 +10,6 @@ import inspect
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -22,6 +21,7 @@ from .budget import Budget, Constraint, parse_budget
 from .cost import count_params, measure_flops
 from .data import train_val_split
 from .errors import ConfigError, InfeasibleBudgetError
+from .files import atomic_output, write_text_atomic
 from .finetune import accuracy, finetune, loader
 from .latency import attached, build_latency_model, runtime
 from .search import constraints, human, recalibrate_bn, search
@@ -78,13 +78,6 @@ def _finite(value):
     return value
 
 
-def _write_atomic(path, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _source(model):
     """How save_slim can rebuild the architecture: the spec cz.load_model recorded, or the class
     itself when it can be built without arguments."""
@@ -114,10 +107,9 @@ def plot_pareto(history, chosen, limit, path, metric="flops"):
     ax.set_ylabel("held-out top-1 (supernet)")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def compress(model: nn.Module, budget, train_data, val_data=None, *, example_input=None, method="bcnet",
@@ -162,6 +154,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     timings = {}
     t = time.time()
     space = analyze(work, example_input.to(device), bins=bins, divisor=divisor, exclude=exclude)
+    timings["analyze_s"] = time.time() - t
     latency = _latency_constraint(budget)
     if latency is not None:
         t_model = time.time()
@@ -169,7 +162,6 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
         timings["latency_model_s"] = time.time() - t_model
     bounds = constraints(space, budget)  # raises InfeasibleBudgetError before any training
     limits = {b.metric: b.limit for b in bounds}
-    timings["analyze_s"] = time.time() - t
     log.info("%d channel groups (%d frozen); budget %s", len(space), len(space.frozen),
              ", ".join(f"{b.text}: {human(b.metric, b.limit)}" for b in bounds))
 
@@ -186,9 +178,10 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     search_budget, attempts = budget, []
     while True:
         found = search(net, search_budget, calib, scoring, records=trained.records, effort=effort, seed=seed,
-                       sides=("left",) if method == "ua" else ("left", "right"), progress=progress)
+                       calib_batches=calib_batches, sides=("left",) if method == "ua" else ("left", "right"),
+                       progress=progress)
         # the slim model inherits BN statistics calibrated for its configuration
-    recalibrate_bn(net, found.cfg, found.side, calib, batches=calib_batches)
+        recalibrate_bn(net, found.cfg, found.side, calib, batches=calib_batches)
         net.full()
         small = slim(work, space, found.cfg, found.side)
         if latency is None:
@@ -293,4 +286,4 @@ def _write_outputs(result, small, original, space, found, bounds, x, out_dir, ex
                               calib_data=calib_data if fmt == "trt-int8" else None, metadata=meta)
         paths[fmt] = written[-1] if isinstance(written, (list, tuple)) else written
     paths["report"] = os.path.join(out_dir, "report.json")
-    _write_atomic(paths["report"], result.to_json())
+    write_text_atomic(paths["report"], result.to_json())

@@ -1,4 +1,4 @@
-"""The `compressor` command: demo, analyze, compress, export."""
+"""The `compressor` command: demo, analyze, compress, export, bench."""
 from __future__ import annotations
 
 import argparse
@@ -72,6 +72,21 @@ def cmd_export(args):
     print("wrote", written)
 
 
+def cmd_bench(args):
+    from .latency.filebench import bench_file, parse_shape
+    m = bench_file(args.model, target=args.target, batch=args.batch,
+                   input_shape=parse_shape(args.input) if args.input else None, threads=args.threads,
+                   warmup=args.warmup, reps=args.reps)
+    report = {"model": args.model, "target": args.target, "batch": m.batch, "p50_ms": m.median_us / 1e3,
+              "p90_ms": m.p90_us / 1e3, "p99_ms": m.p99_us / 1e3, "throughput_per_s": m.throughput,
+              "reps": m.reps, "cv": m.cv, "unstable": m.unstable, "info": m.info}
+    print(f"{args.model} on {args.target}, batch {m.batch}: p50 {report['p50_ms']:.3f} ms, p90 {report['p90_ms']:.3f} ms, "
+          f"p99 {report['p99_ms']:.3f} ms, {m.throughput:.1f} samples/s" + (" (unstable timing)" if m.unstable else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="compressor", description="BCNet width search and slimming for CNNs.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -118,6 +133,17 @@ def build_parser():
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--out", help="output path (default: beside the model)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="latency of a .pt (save_slim), .onnx or .engine file: p50, p90, p99, throughput")
+    p.add_argument("model", help="model.pt, model.onnx or model.engine")
+    p.add_argument("--target", default="ort-cpu", help="torch-cpu, torch-cuda, ort-cpu, ort-cuda, trt-fp32/fp16/int8")
+    p.add_argument("--batch", type=int, help="batch size (default 1, or the first dim of --input)")
+    p.add_argument("--input", help="input shape NxCxHxW (default 1x3x224x224; an .onnx file's own static shape)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch / ONNX Runtime intra-op)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--reps", type=int, default=100)
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -19,6 +19,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from .errors import ConfigError
+from .files import atomic_torch_save
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -107,18 +108,6 @@ def decode_images(paths, workers=None):
     return torch.stack(images) if images else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
 
 
-def _save_atomic(obj, path):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # as for the extracted tree
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def load_split(split, root=None, cache=None):
     """CIFAR-10 `split` as (uint8 images (N, 3, 32, 32), int64 labels (N,), class names).
 
@@ -143,7 +132,7 @@ def load_split(split, root=None, cache=None):
     found = ImageFolder(extract(tarball, folder / "jpeg", sha256) / split)
     images = decode_images(path for path, _ in found.samples)
     labels = torch.tensor(found.targets, dtype=torch.int64)
-    _save_atomic({"images": images, "labels": labels, "classes": found.classes}, cached)
+    atomic_torch_save({"images": images, "labels": labels, "classes": found.classes}, cached)
     return images, labels, found.classes
 
 

@@ -140,7 +140,7 @@ class Bound:
 def human(metric: str, value: float) -> str:
     """1234567 flops -> '1.23 MFLOPs'; params -> '1.23M params'; latency (us) -> '1.23 ms'."""
     if metric == "latency":
-        return f"{value / 1e3:.3g} ms"
+        return f"{value:.3g} us" if value < 1e3 else f"{value / 1e3:.3g} ms"
     scale = next(((s, p) for s, p in ((1e9, "G"), (1e6, "M"), (1e3, "K")) if abs(value) >= s), (1, ""))
     number = f"{value / scale[0]:.3g}"
     return f"{number} {scale[1]}FLOPs" if metric == "flops" else f"{number}{scale[1]} params"

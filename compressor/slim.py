@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from collections import defaultdict
 
 import numpy as np
@@ -13,6 +12,7 @@ from torch import nn
 
 from . import __version__
 from .errors import ConfigError, UnsupportedModelError
+from .files import atomic_torch_save
 from .groups import layer_kind
 from .models import load_model
 from .space import WidthSpace, check_side
@@ -149,21 +149,6 @@ def _check_parity(model, space, cfg, side, small, x, tolerance):
 def _shapes(model: nn.Module) -> dict:
     return {name: {a: getattr(m, a) for a in _SHAPE_ATTRS if hasattr(m, a)}
             for name, m in model.named_modules() if layer_kind(m) in ("conv", "depthwise", "grouped_conv", "linear", "bn")}
-
-
-def atomic_torch_save(obj, path: str):
-    """torch.save to a temp file beside `path`, then rename: no half-written file on failure."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_slim(small: nn.Module, path: str, source: str | None = None):

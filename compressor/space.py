@@ -152,6 +152,19 @@ class WidthSpace:
         value = self.cost.params(self._widths(cfg))
         return value if np.ndim(value) else int(round(float(value)))
 
+    def latency(self, cfg, target):
+        """Predicted latency in microseconds on `target` (a runtime name such as 'ort-cpu') by the
+        latency model attached with compressor.latency.build_latency_model. A 2-D array of
+        configurations gives an array (vectorised table lookups)."""
+        from .latency import attached
+        model = attached(self, target)
+        arr = np.asarray(cfg)
+        if arr.ndim == 2:
+            if arr.shape[1] != len(self.groups):
+                raise ConfigError(f"configurations need {len(self.groups)} entries each, got {arr.shape[1]}")
+            return model.predict(arr)
+        return float(model.predict([self.check(cfg)])[0])
+
     def describe(self) -> str:
         """A table of the groups: name, channels, members."""
         lines = [f"{'group':48s} {'channels':>8s} {'members':>8s}"]

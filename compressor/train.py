@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .errors import CompressorError, ConfigError
 from .samplers import make_sampler
-from .slim import atomic_torch_save
+from .files import atomic_torch_save
 from .supernet import Supernet
 
 log = logging.getLogger("compressor.train")

@@ -10,11 +10,9 @@ ONNX Runtime parity check against torch; until then it lives in a temporary file
 folder, which is removed on any error.
 """
 
-import contextlib
 import copy
 import dataclasses
 import os
-import secrets
 import warnings
 
 import numpy as np
@@ -23,6 +21,7 @@ import onnxruntime
 import torch
 
 from compressor.errors import CompressorError
+from compressor.files import atomic_output, check_output_folder
 
 VERSION_KEY = "compressor_version"
 INPUT_NAME = "input"
@@ -123,55 +122,6 @@ def run_onnxruntime(session, array):
     """Run a single-input session on one batch; returns the list of output arrays."""
     feed = {session.get_inputs()[0].name: np.ascontiguousarray(array)}
     return session.run(None, feed)
-
-
-def check_output_folder(folder):
-    """Raise a clear error unless `folder` exists, is a directory and is writable."""
-    if not os.path.exists(folder):
-        raise FileNotFoundError(f"output folder {folder!r} does not exist; create it first")
-    if not os.path.isdir(folder):
-        raise NotADirectoryError(f"output folder {folder!r} is not a directory")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"output folder {folder!r} is not writable")
-
-
-@contextlib.contextmanager
-def atomic_output(path):
-    """Yield a temporary path next to `path`; it replaces `path` only if the block succeeds.
-
-    The temp file sits in the same folder so that `os.replace` is an atomic rename; it is
-    fsynced first so a crash never leaves a truncated file under the final name. On any error
-    the temp file is removed and an existing file at `path` is left as it was.
-    """
-    path = os.path.abspath(os.fspath(path))
-    folder, name = os.path.split(path)
-    check_output_folder(folder)
-    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-def write_bytes_atomic(path, data):
-    """Write a bytes-like object to `path` atomically (see `atomic_output`)."""
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
-
-def read_bytes_or_none(path):
-    """The content of `path`, or None when the file is missing or empty."""
-    try:
-        with open(os.fspath(path), "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None
-    return data or None
 
 
 def _check_model_and_input(model, example_input):

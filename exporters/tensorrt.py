@@ -23,14 +23,9 @@ from .engine_runner import (  # noqa: F401  (TensorRTUnavailable is part of this
     cuda_backend,
     require_tensorrt,
 )
-from .onnx import (
-    ExportError,
-    check_output_folder,
-    onnxruntime_session,
-    read_bytes_or_none,
-    run_onnxruntime,
-    write_bytes_atomic,
-)
+from compressor.files import check_output_folder, read_bytes_or_none, write_bytes_atomic
+
+from .onnx import ExportError, onnxruntime_session, run_onnxruntime
 
 log = logging.getLogger(__name__)
 

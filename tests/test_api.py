@@ -70,7 +70,7 @@ def test_ua_baseline_runs_left_only(pretrained):
 @pytest.mark.parametrize("budget, error, message", [
     ("flops<50%", cz.ConfigError, "bad budget"),
     ("flops<=1%", cz.InfeasibleBudgetError, "smallest configuration costs"),
-    ("latency<=1ms@ort-cpu", cz.ConfigError, "latency"),
+    ("latency<=1ms@tpu", cz.ConfigError, "tpu"),
 ])
 def test_bad_budgets_fail_before_training(pretrained, budget, error, message, tmp_path):
     with pytest.raises(error, match=message):

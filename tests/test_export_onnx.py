@@ -17,14 +17,8 @@ from conftest import assert_unchanged, snapshot, with_real_statistics
 from compressor.errors import ConfigError
 from compressor.exporters import export_file
 from compressor.exporters import onnx as onnx_export
-from compressor.exporters.onnx import (
-    ExportError,
-    atomic_output,
-    export_onnx,
-    load_onnx_metadata,
-    read_bytes_or_none,
-    write_bytes_atomic,
-)
+from compressor.exporters.onnx import ExportError, export_onnx, load_onnx_metadata
+from compressor.files import atomic_output, read_bytes_or_none, write_bytes_atomic
 
 MODELS = [
     "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121",

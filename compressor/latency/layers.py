@@ -1,0 +1,130 @@
+"""The layers a latency table is built from: every conv and linear of the model, which group sets
+its input and output widths, and the stand-alone module that times it at given widths.
+
+What is timed per layer is the conv (or linear) with a bias, on its real input shape: BN folded
+into the conv, as the ONNX export and TensorRT do. Activations, residual adds and pooling are not
+timed per layer: the calibration's linear fit absorbs them (its slope for the part that grows with
+the layer costs, its intercept for the rest)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..groups import layer_kind
+
+FIXED = -1  # group index of a dimension no group controls
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A layer dimension: `fixed + mult * k_group` (just `fixed` when group is FIXED)."""
+    group: int
+    fixed: int
+    mult: int
+
+    def size(self, k) -> int:
+        return self.fixed + self.mult * int(k) if self.group != FIXED else self.fixed
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    kind: str             # conv, depthwise, grouped_conv, linear
+    cin: Dim
+    cout: Dim
+    input_shape: tuple    # one sample, without the channel/feature dim
+    params: tuple         # conv: (kernel, stride, padding, dilation, groups); linear: ()
+
+    def module_and_input(self, cin: int, cout: int, batch: int):
+        """The layer alone at `cin` -> `cout` channels, with a random input of its real shape."""
+        if self.kind == "linear":
+            return nn.Linear(cin, cout), torch.randn(batch, *self.input_shape, cin)
+        kernel, stride, padding, dilation, groups = self.params
+        if self.kind == "depthwise":
+            groups = cout
+        conv = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups=groups, bias=True)
+        return conv, torch.randn(batch, cin, *self.input_shape)
+
+    def signature(self, cin: int, cout: int) -> str:
+        """What the timing depends on: identical layers of a model (ResNet's repeated blocks) share it."""
+        return f"{self.kind}|{cin}|{cout}|{'x'.join(map(str, self.input_shape))}|{self.params}"
+
+
+def _dim(space, coverage, name, role, total):
+    covering = coverage.get((name, role), [])
+    if len(covering) > 1:
+        raise UnsupportedModelError(
+            f"the latency model needs each layer dimension to follow at most one channel group, but "
+            f"'{name}' {role}put channels follow {len(covering)} (a concat?)", module=name, op="latency table")
+    if not covering:
+        return Dim(FIXED, total, 0)
+    g, mult = covering[0]
+    return Dim(g, total - mult * int(space.sizes[g]), mult)
+
+
+def find_layers(model: nn.Module, space) -> list:
+    """Every conv/linear `model` calls on the space's example input, with its widths' groups."""
+    coverage = {}
+    for g, group in enumerate(space.groups):
+        for key, table in group.index.items():
+            coverage.setdefault(key, []).append((g, table.shape[1]))
+    shapes, handles = {}, []
+
+    def record(name):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            shapes.setdefault(name, tuple(x.shape[1:-1] if isinstance(module, nn.Linear) else x.shape[2:]))
+        return hook
+
+    for name, module in model.named_modules():
+        if layer_kind(module) in ("conv", "depthwise", "grouped_conv", "linear"):
+            handles.append(module.register_forward_hook(record(name)))
+    modes = [m.training for m in model.modules()]
+    try:
+        with torch.no_grad():  # eval mode: BN running statistics must not move
+            model.eval()(space.example_input.to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in zip(model.modules(), modes):
+            m.training = mode
+    layers = []
+    for name, module in model.named_modules():
+        if name not in shapes:
+            continue
+        kind = layer_kind(module)
+        if kind == "linear":
+            cin = _dim(space, coverage, name, "in", module.in_features)
+            cout = _dim(space, coverage, name, "out", module.out_features)
+            params = ()
+        else:
+            cout = _dim(space, coverage, name, "out", module.out_channels)
+            # a depthwise conv's input channels are its output channels: its cost follows one group
+            cin = Dim(FIXED, 0, 0) if kind == "depthwise" else _dim(space, coverage, name, "in", module.in_channels)
+            params = (module.kernel_size, module.stride, module.padding, module.dilation, module.groups)
+        layers.append(Layer(name, kind, cin, cout, shapes[name], params))
+    return layers
+
+
+def widths(space, dim: Dim, points=None) -> np.ndarray:
+    """Sorted distinct sizes `dim` takes over its group's allowed bins; with `points`, at most that
+    many of them, evenly spread and always including the smallest and the largest."""
+    if dim.group == FIXED:
+        return np.array([dim.fixed])
+    g = dim.group
+    bins = np.arange(space.min_bins[g], space.max_bins[g] + 1)
+    values = np.unique([dim.size(k) for k in space.width_table[g, bins]])
+    if points and len(values) > points:
+        values = values[np.unique(np.round(np.linspace(0, len(values) - 1, points)).astype(int))]
+    return values
+
+
+def bin_sizes(space, dim: Dim) -> np.ndarray:
+    """Size of `dim` at every bin 0..N of its group (a constant for a fixed dim)."""
+    if dim.group == FIXED:
+        return np.full(space.bins + 1, dim.fixed)
+    return dim.fixed + dim.mult * space.width_table[dim.group]
