@@ -7,15 +7,15 @@ Rows, each with the same fine-tuning budget on the JPEG training split:
   uniform    the same width ratio in every group, the widest under the budget, fine-tuned
   tp-l1      Torch-Pruning's L1-magnitude pruner to the same FLOPs, fine-tuned
 
-    python benchmarks/cifar_quality.py            # CPU-sized: subset, few epochs
-    python benchmarks/cifar_quality.py --full     # all 50k/10k images, GPU-sized epochs
+    python benchmarks/cifar_quality.py                     # CPU-sized: 5k/2k images, 1 epoch each
+    python benchmarks/cifar_quality.py --setting quick     # minutes: 2k/1k images, a tiny search
+    python benchmarks/cifar_quality.py --setting full      # all 50k/10k images, GPU-sized epochs
 
-Writes benchmarks/results/cifar_quality[-full].json and prints a table. Skips (exit 0, with a
+Writes benchmarks/results/cifar_quality-<setting>.json and prints a table. Skips (exit 0, with a
 message) when ../shared/data is absent.
 """
 import argparse
 import copy
-import os
 import sys
 import time
 
@@ -23,9 +23,10 @@ import torch
 
 from common import machine_info, write_result
 
-SETTINGS = {  # train images, test images, supernet epochs, fine-tune epochs, search effort
-    "cpu": dict(train=5000, test=2000, supernet_epochs=1.0, finetune_epochs=1.0, effort=0.1),
-    "full": dict(train=None, test=None, supernet_epochs=30.0, finetune_epochs=15.0, effort=1.0),
+SETTINGS = {  # train images, test images, supernet epochs, fine-tune epochs, search effort, BN batches
+    "quick": dict(train=2000, test=1000, supernet_epochs=1.0, finetune_epochs=1.0, effort=0.05, calib_batches=5),
+    "cpu": dict(train=5000, test=2000, supernet_epochs=1.0, finetune_epochs=1.0, effort=0.1, calib_batches=20),
+    "full": dict(train=None, test=None, supernet_epochs=30.0, finetune_epochs=15.0, effort=1.0, calib_batches=20),
 }
 
 
@@ -50,7 +51,8 @@ def tp_l1(model, x, flops_target, ignored):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="all data and GPU-sized epochs")
+    parser.add_argument("--setting", choices=SETTINGS, default="cpu",
+                        help="quick: minutes on a CPU; cpu: the CPU default; full: all data, GPU-sized epochs")
     parser.add_argument("--budget", default="flops<=50%")
     parser.add_argument("--rows", default="original,bcnet,ua,uniform,tp-l1")
     parser.add_argument("--seed", type=int, default=0)
@@ -68,7 +70,7 @@ def main():
     except FileNotFoundError as e:
         print(f"skipped: {e}")
         return 0
-    setting = SETTINGS["full" if args.full else "cpu"]
+    setting = SETTINGS[args.setting]
     if setting["train"]:
         train = cifar10("train", limit=setting["train"], seed=args.seed, augment=True)
     test = cifar10("test", limit=setting["test"], seed=args.seed)
@@ -97,7 +99,8 @@ def main():
         elif name in ("bcnet", "ua"):
             result = cz.compress(model, args.budget, train, None, example_input=x, method=name,
                                  supernet_epochs=setting["supernet_epochs"], finetune_epochs=ft["epochs"],
-                                 finetune_lr=ft["lr"], effort=setting["effort"], device=device, seed=args.seed)
+                                 finetune_lr=ft["lr"], effort=setting["effort"], calib_batches=setting["calib_batches"],
+                                 device=device, seed=args.seed)
             rows.append(row(name, result.model, time.time() - t0, widths=result.widths, side=result.side,
                             supernet_score=result.supernet_score))
         elif name == "uniform":
@@ -115,11 +118,11 @@ def main():
         else:
             raise SystemExit(f"unknown row {name!r}")
         print(rows[-1], flush=True)
-
-    name = "cifar_quality-full.json" if args.full else "cifar_quality.json"
-    path = write_result(name, {"setting": "full" if args.full else "cpu", "settings": setting, "budget": args.budget,
-                               "rows": rows, "machine": machine_info()})
-    print(f"\nResNet-56, CIFAR-10 JPEG, {args.budget}, {'full' if args.full else 'CPU subset'} setting")
+        # after every row, so an interrupted run keeps what it measured
+        path = write_result(f"cifar_quality-{args.setting}.json",
+                            {"setting": args.setting, "settings": setting, "budget": args.budget, "rows": rows,
+                             "complete": len(rows) >= len(args.rows.split(",")), "machine": machine_info()})
+    print(f"\nResNet-56, CIFAR-10 JPEG, {args.budget}, '{args.setting}' setting: {setting}")
     print("| method | test top-1 | MFLOPs | params | wall s |")
     print("|---|---|---|---|---|")
     for r in rows:

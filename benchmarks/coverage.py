@@ -9,7 +9,6 @@ Each model runs in its own process (a crash or a timeout costs one row). Writes
 benchmarks/results/coverage.json and prints a markdown table.
 """
 import argparse
-import json
 import multiprocessing as mp
 import time
 

@@ -10,18 +10,14 @@ Writes benchmarks/results/kernels.json (machine, versions, command, timings) and
 """
 import argparse
 import json
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from common import machine_info
 from compressor.kernels import masked_conv2d
 
 WIDTH = 0.5
@@ -37,25 +33,6 @@ LAYERS = [
 ]
 IMPLS = ("pre-sliced conv", "reference", "sliced", "cuda")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def machine_info(device):
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name] + sys.argv),
-    }
 
 
 def cuda_unavailable_reason(device):
@@ -198,7 +175,7 @@ def main():
 
     result = {
         "benchmark": "masked_conv2d per-layer forward+backward time",
-        "machine": machine_info(device),
+        "machine": machine_info(),
         "settings": {"device": device.type, "dtype": args.dtype, "width": WIDTH, "reps": reps, "warmup": warmup},
         "layers": rows,
         "supernet_step": supernet_step_benchmark(device, reps, warmup, cuda_reason),
@@ -206,7 +183,7 @@ def main():
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(rows, device, args.dtype)
-    print(f"\nBCNet training step (left + right), ms; standalone = the two slimmed subnets")
+    print("\nBCNet training step (left + right), ms; standalone = the two slimmed subnets")
     for row in result["supernet_step"]:
         print("  " + ", ".join(f"{k}: {v}" for k, v in row.items()))
     print(f"wrote {args.out}")

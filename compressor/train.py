@@ -219,7 +219,7 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", steps=None, epo
         with torch.no_grad():
             target = teacher(x) if teacher is not None else None
         optimizer.zero_grad(set_to_none=True)
-        losses = []
+        losses, largest = [], None
         for i, (cfg, side, weight) in enumerate(subnets):
             net.set(cfg, side)
             sync = i == len(subnets) - 1 or world == 1  # all-reduce gradients once, on the last backward
