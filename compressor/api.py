@@ -37,7 +37,11 @@ LATENCY_RETRIES = 2  # searches again with a tightened limit when the delivered 
 
 class LatencyBudgetMissed(InfeasibleBudgetError):
     """The slim model, measured on the target, is slower than the latency budget even after the
-    tightened re-searches."""
+    tightened re-searches. `attempts` lists each search's limit, pick, prediction and measurement."""
+
+    def __init__(self, message, attempts=()):
+        super().__init__(message)
+        self.attempts = list(attempts)
 
 
 @dataclass
@@ -250,15 +254,16 @@ def _delivery_check(small, space, found, latency, limit, search_budget, attempts
               f"{human('latency', attempts[-1]['predicted_us'])})")
     if len(attempts) > LATENCY_RETRIES:
         raise LatencyBudgetMissed(f"{missed}, after {LATENCY_RETRIES} re-searches with tightened limits: "
-                                  f"loosen the budget or rebuild the latency model with more calibration points")
-    tightened = Constraint("latency", round(searched / ratio, 1), target=latency.target)
+                                  f"loosen the budget or rebuild the latency model with more calibration points",
+                                  attempts)
+    tightened = Constraint("latency", float(f"{searched / ratio:.4g}"), target=latency.target)  # readable in logs
     log.warning("%s: searching again with the limit tightened to %s", missed, human("latency", tightened.value))
     budget = Budget([tightened if c.metric == "latency" else c for c in search_budget])
     try:
         constraints(space, budget)
     except InfeasibleBudgetError as e:
         raise LatencyBudgetMissed(f"{missed}; a search with the limit tightened to "
-                                  f"{human('latency', tightened.value)} is infeasible: {e}") from e
+                                  f"{human('latency', tightened.value)} is infeasible: {e}", attempts) from e
     return budget
 
 

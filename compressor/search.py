@@ -255,14 +255,21 @@ def fit_prior(space: WidthSpace, records, budget, *, lam: float = 10.0, steps: i
     allowed = torch.tensor(_allowed_bins(space))
     theta = torch.zeros(table.shape, dtype=torch.float64, requires_grad=True)
     optimiser = torch.optim.Adam([theta], lr=lr)
-    for _ in range(steps):
-        probs = torch.softmax(theta.masked_fill(~allowed, -torch.inf), dim=1)
-        objective = (probs * table).sum() / len(space)
-        for c, b in zip(parse_budget(budget), bounds):
-            objective = objective + lam * (1 - expected_cost(space, probs, b.metric, c.target) / b.limit) ** 2
-        optimiser.zero_grad()
-        objective.backward()
-        optimiser.step()
+    # thousands of steps on tensors of a few hundred numbers: a second intra-op thread only adds
+    # synchronisation, and on a busy machine its spin-waiting made the fit 60x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            probs = torch.softmax(theta.masked_fill(~allowed, -torch.inf), dim=1)
+            objective = (probs * table).sum() / len(space)
+            for c, b in zip(parse_budget(budget), bounds):
+                objective = objective + lam * (1 - expected_cost(space, probs, b.metric, c.target) / b.limit) ** 2
+            optimiser.zero_grad()
+            objective.backward()
+            optimiser.step()
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
         return torch.softmax(theta.masked_fill(~allowed, -torch.inf), dim=1).numpy()
 

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -18,9 +17,10 @@ import torch
 from tqdm import tqdm
 
 from ..errors import ConfigError
+from ..files import write_text_atomic
 from ..slim import slim
-from .stats import CV_THRESHOLD
 from .layers import FIXED, bin_sizes, find_layers, widths
+from .stats import CV_THRESHOLD
 from .targets import Target, runtime, target_for
 
 log = logging.getLogger("compressor.latency")
@@ -105,14 +105,8 @@ class _Cache:
                 log.warning("latency cache %s was written for another key: rebuilding it", path)
 
     def save(self):
-        if not self.path:
-            return
-        folder = os.path.dirname(self.path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.data, f)
-        os.replace(tmp, self.path)
+        if self.path:
+            write_text_atomic(self.path, json.dumps(self.data), make_folder=True)
 
 
 def _timing(m) -> dict:
