@@ -6,13 +6,16 @@ parameters equal FlopCounterMode's and the parameter count of the slim model.
     python benchmarks/coverage.py [--models resnet18,vgg11_bn] [--size 64] [--timeout 900]
 
 Each model runs in its own process (a crash or a timeout costs one row). Writes
-benchmarks/results/coverage.json and prints a markdown table.
+benchmarks/results/coverage.json after every model and resumes from it (delete it to start over);
+prints a markdown table.
 """
 import argparse
+import json
 import multiprocessing as mp
+import os
 import time
 
-from common import machine_info, write_result
+from common import RESULTS, machine_info, write_result
 
 # Models whose forward needs a particular input size.
 INPUT_SIZE = {"inception_v3": 96, "googlenet": 64, "maxvit_t": 224}
@@ -54,6 +57,12 @@ def check_model(name, size, queue):
     queue.put(row)
 
 
+def summarise(rows, names):
+    return {"models": len(names), "run": len(rows), "ok": sum(r["status"] == "ok" for r in rows),
+            "unsupported": sum(r["status"] == "unsupported" for r in rows),
+            "other": sum(r["status"] not in ("ok", "unsupported") for r in rows)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated names (default: every classification model)")
@@ -65,8 +74,11 @@ def main():
     import torchvision
     names = args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
     ctx = mp.get_context("spawn")
-    rows = []
-    for name in names:
+    # resumable: rows already in the result file are kept, and it is rewritten after every model
+    previous = os.path.join(RESULTS, args.out)
+    rows = json.load(open(previous))["rows"] if os.path.exists(previous) else []
+    done = {r["model"] for r in rows}
+    for name in [n for n in names if n not in done]:
         queue = ctx.Queue()
         proc = ctx.Process(target=check_model, args=(name, input_size(name, args.size), queue))
         proc.start()
@@ -80,11 +92,8 @@ def main():
             row = queue.get()
         rows.append(row)
         print(f"{row['model']:28s} {row['status']:12s} {row.get('groups', '')!s:>4} {row.get('seconds', '')}", flush=True)
+        write_result(args.out, {"summary": summarise(rows, names), "rows": rows, "machine": machine_info()})
     ok = sum(r["status"] == "ok" for r in rows)
-    summary = {"models": len(rows), "ok": ok,
-               "unsupported": sum(r["status"] == "unsupported" for r in rows),
-               "other": sum(r["status"] not in ("ok", "unsupported") for r in rows)}
-    write_result(args.out, {"summary": summary, "rows": rows, "machine": machine_info()})
     print(f"\n{ok} of {len(rows)} models: parity and exact cost on 3 configurations x 2 sides\n")
     print("| model | status | groups (frozen) | parity | cost match | reason |")
     print("|---|---|---|---|---|---|")

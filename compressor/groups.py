@@ -142,8 +142,8 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
         module, op = _failing_op(e, model)
         raise UnsupportedModelError(
             f"{type(model).__name__} is not supported: Torch-Pruning cannot map channels through the "
-            f"op {op} after module '{module}' ({type(e).__name__}: {e}). Channel shuffles and other "
-            f"reshapes that mix the channel dimension cannot be slimmed.", module=module, op=op) from e
+            f"op {op} after module '{module}' ({type(e).__name__}: {e}). Channel shuffles, and reshapes "
+            f"or concatenations that mix the channel dimension with others, cannot be slimmed.", module=module, op=op) from e
 
 
 def _freeze_reason(group_items, graph, names, exclude_match):

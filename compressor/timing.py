@@ -1,9 +1,8 @@
-"""Wall-clock latency of a model on the CPU: warm-up, repetitions, median (torch eager)."""
-import statistics
-import time
-
+"""Wall-clock latency of a model on the CPU in torch eager mode, for the before/after report."""
 import torch
 from torch import nn
+
+from .latency.stats import time_calls
 
 
 @torch.no_grad()
@@ -11,12 +10,7 @@ def cpu_latency_ms(model: nn.Module, example_input: torch.Tensor, warmup: int = 
     """Median milliseconds of one forward pass of `example_input` (eval mode, flag restored)."""
     training = model.training
     model.eval()
-    for _ in range(warmup):
-        model(example_input)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        model(example_input)
-        times.append(time.perf_counter() - start)
-    model.train(training)
-    return statistics.median(times) * 1e3
+    try:
+        return time_calls(lambda: model(example_input), warmup=warmup, reps=reps, warn=False).median_us / 1e3
+    finally:
+        model.train(training)
