@@ -17,6 +17,7 @@ from .errors import ConfigError, InfeasibleBudgetError
 from .latency import attached
 from .space import WidthSpace
 from .supernet import Supernet
+from .train import rank_and_world
 
 log = logging.getLogger("compressor.search")
 
@@ -28,11 +29,6 @@ _MUTATION_PROB = 0.1
 
 
 # -- scoring -------------------------------------------------------------------------------------
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
 
 def _norms(net: Supernet):
     return [m for m in net.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -73,7 +69,7 @@ def recalibrate_bn(net: Supernet, cfg, side: str, calib_data, batches: int = 20)
             m.eval()
     if seen == 0:
         raise ConfigError("calib_data yielded no batch: BN statistics cannot be re-estimated")
-    _, world = _world()
+    _, world = rank_and_world()
     if world > 1:
         for m in norms:
             for stat in (m.running_mean, m.running_var):
@@ -92,7 +88,7 @@ def score(net: Supernet, cfg, side: str, val_data, calib_data, *, calib_batches:
     saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms]
     modes = [m.training for m in net.modules()]
     previous = (net.cfg, net.side)
-    rank, world = _world()
+    rank, world = rank_and_world()
     device = _device(net)
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, total
     try:
@@ -388,7 +384,7 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
         raise ConfigError(f"window must be (low, high) with 0 <= low <= high, got {window}")
     space = net.space
     bounds = constraints(space, budget)
-    rank, world = _world()
+    rank, world = rank_and_world()
     # each rank keeps its own records, but all ranks must draw the same candidates: rank 0's prior
     prior = fit_prior(space, records, budget) if rank == 0 else _uniform_prior(space)
     if world > 1:

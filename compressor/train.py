@@ -65,7 +65,8 @@ class TrainResult:
     checkpoint: str | None = None
 
 
-def _world():
+def rank_and_world():
+    """(rank, world size): (0, 1) outside torch.distributed."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -151,7 +152,7 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", steps=None, epo
         raise ConfigError(f"net must be a cz.supernet(...), got {type(net).__name__}")
     sampler = make_sampler(method, net.space, seed)
     dataset, batch_size, workers, collate = _as_dataset(train_data, batch_size)
-    rank, world = _world()
+    rank, world = rank_and_world()
     per_epoch = len(dataset) // world // batch_size
     if per_epoch == 0:
         raise ConfigError(f"training data has {len(dataset)} samples: fewer than one batch of {batch_size}"
