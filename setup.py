@@ -13,7 +13,7 @@ setup(
         "compressor.kernels": "kernels",
         "compressor.exporters": "exporters",
     },
-    package_data={"compressor.kernels": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h"]},
+    package_data={"compressor.kernels": ["csrc/*.cu", "csrc/*.cuh", "csrc/*.cpp", "csrc/*.h"]},
     install_requires=[
         "torch>=2.3",
         "torchvision>=0.18",

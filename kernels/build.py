@@ -1,7 +1,8 @@
 """Compile and load the masked-convolution CUDA extension (JIT, cached on disk).
 
 `python -m compressor.kernels.build` compiles it and exits non-zero on failure; CI uses that as a
-compile check on machines without a GPU.
+compile check on machines without a GPU. `build_emulated()` compiles the same kernels for the CPU
+emulator (csrc/masked_conv_emulated.cpp), which the tests run against the reference convolution.
 """
 import logging
 import os
@@ -15,8 +16,9 @@ import torch
 from compressor.errors import CompressorError
 
 NAME = "compressor_masked_conv"
-SOURCES = [Path(__file__).parent / "csrc" / "masked_conv.cpp",
-           Path(__file__).parent / "csrc" / "masked_conv_cuda.cu"]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "masked_conv.cpp", CSRC / "masked_conv_cuda.cu"]
+EMULATED_SOURCES = [CSRC / "masked_conv.cpp", CSRC / "masked_conv_emulated.cpp"]
 DEFAULT_ARCH = "9.0"  # Hopper (H100/H200): the target when no GPU is visible to autodetect
 
 log = logging.getLogger("compressor.kernels")
@@ -57,11 +59,11 @@ def _arch_list():
     return ";".join(f"{major}.{minor}" for major, minor in caps)
 
 
-def build_directory(arch_list):
-    """Per torch/CUDA/arch cache directory, so builds for different setups never overwrite each other."""
+def build_directory(target):
+    """Per torch/CUDA/target cache directory, so builds for different setups never overwrite each other."""
     base = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "compressor" / "kernels"
-    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-sm{arch_list}"
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-{target}"
     tag = "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in tag)
     path = Path(base) / tag
     path.mkdir(parents=True, exist_ok=True)
@@ -79,24 +81,30 @@ def build(verbose=False):
     home = cuda_home()
     from torch.utils import cpp_extension
 
-    if not cpp_extension.is_ninja_available():
-        raise BuildError("ninja not found: pip install ninja")
     # torch reads its CUDA root once, at import, with the guess that cuda_home() corrects.
     cpp_extension.CUDA_HOME = home
     arch_list = _arch_list()
-    directory = build_directory(arch_list)
-    log.info("building %s for sm %s in %s", NAME, arch_list, directory)
+    return _load(NAME, SOURCES, build_directory(f"sm{arch_list}"), verbose, extra_cuda_cflags=["-O3"])
+
+
+def build_emulated(verbose=False):
+    """Compile (first call) or load the CPU emulator of the CUDA kernels: the same kernel source run
+    with one host thread per CUDA thread, on CPU tensors. For tests; it is slow by design."""
+    return _load(NAME + "_emulated", EMULATED_SOURCES, build_directory("emulated"), verbose,
+                 extra_cflags=["-DMASKED_CONV_EMULATED"], extra_ldflags=["-pthread"])
+
+
+def _load(name, sources, directory, verbose, extra_cflags=(), **options):
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise BuildError("ninja not found: pip install ninja")
+    log.info("building %s in %s", name, directory)
     try:
-        return cpp_extension.load(
-            name=NAME,
-            sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3"],
-            build_directory=str(directory),
-            verbose=verbose,
-        )
+        return cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=["-O3", *extra_cflags],
+                                  build_directory=str(directory), verbose=verbose, **options)
     except (RuntimeError, OSError, ImportError) as error:
-        raise BuildError(f"building {NAME} in {directory} failed: {error}") from error
+        raise BuildError(f"building {name} in {directory} failed: {error}") from error
 
 
 def main():

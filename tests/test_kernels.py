@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from compressor.kernels import masked_conv2d
+from compressor.kernels.masked_conv import _MaskedConvCuda
 
 # Error relative to the largest magnitude of the expected tensor. Low precision: one rounding of the
 # result (fp16 eps 9.8e-4, bf16 eps 7.8e-3) plus accumulation-order differences.
@@ -48,12 +49,18 @@ def random_case(seed, kind, min_channels=1):
 
 def run(case, impl, dtype=torch.float32, device="cpu", grad_dtype=None):
     """Output and gradients of x, weight and bias (zeros for a bias-free layer) for a fixed output
-    gradient, whose values are rounded to grad_dtype (default: dtype)."""
+    gradient, whose values are rounded to grad_dtype (default: dtype). `impl` is a masked_conv2d
+    impl name, or a compiled kernel extension (the CPU emulator) run through the CUDA path's
+    autograd Function."""
     x = case["x"].to(device, dtype).requires_grad_()
     weight = case["weight"].to(device, dtype).requires_grad_()
     bias = None if case["bias"] is None else case["bias"].to(device, dtype).requires_grad_()
     params = {k: v for k, v in case.items() if k not in ("x", "weight", "bias")}
-    y = masked_conv2d(x, weight, bias, impl=impl, **params)
+    if isinstance(impl, str):
+        y = masked_conv2d(x, weight, bias, impl=impl, **params)
+    else:
+        y = _MaskedConvCuda.apply(x, weight, bias, params["in_window"], params["out_window"], params["stride"],
+                                  params["padding"], params["dilation"], params["groups"] != 1, impl)
     grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(grad_dtype or dtype)
     grad_out = grad_out.to(device, dtype)
     inputs = (x, weight) if bias is None else (x, weight, bias)
@@ -169,6 +176,58 @@ def test_build_names_missing_toolkit(monkeypatch, tmp_path):
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))
     with pytest.raises(BuildError, match="nvcc|CPU-only"):
         build()
+
+
+# ---- the CUDA kernels' own source, run by the CPU emulator (csrc/masked_conv_emulated.cpp): one host
+# thread per CUDA thread, so CI checks the kernels' indexing, tiles and reductions without a GPU.
+
+@pytest.fixture(scope="module")
+def emulated():
+    from compressor.kernels.build import build_emulated
+
+    return build_emulated()  # about a minute the first time, then cached
+
+
+def assert_matches_reference(case, extension, dtype):
+    rounded = {k: v.to(dtype).double() if torch.is_tensor(v) else v for k, v in case.items()}
+    expected = run(rounded, "reference", dtype=torch.float64, grad_dtype=dtype)
+    actual = run(case, extension, dtype=dtype)
+    assert actual[0].dtype == dtype
+    for name, a, e in zip(("output", "grad x", "grad weight", "grad bias"), actual, expected):
+        assert rel_err(a, e) <= TOL[dtype], name
+
+
+@pytest.mark.parametrize("seed,kind", [(s, k) for k in ("dense", "depthwise") for s in range(12)])
+def test_emulated_kernels_match_reference(emulated, seed, kind):
+    assert_matches_reference(random_case(seed, kind), emulated, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed,kind", [(s, k) for k in ("dense", "depthwise") for s in range(3)])
+def test_emulated_kernels_low_precision(emulated, seed, kind, dtype):
+    assert_matches_reference(random_case(seed, kind), emulated, dtype)
+
+
+@pytest.mark.parametrize("kind", ["dense", "depthwise"])
+def test_emulated_kernels_on_a_layer_that_fills_the_blocks(emulated, kind):
+    """Several blocks with a partial last one, a partial channel tile, every thread of the weight
+    gradient's reduction holding data (dense), the batch split across blocks (depthwise)."""
+    gen = torch.Generator().manual_seed(3)
+    c_in, c_out, kh = (24, 20, 3) if kind == "dense" else (6, 6, 3)
+    case = dict(x=torch.randn(6, c_in, 12, 12, generator=gen), weight=torch.randn(c_out, c_in if kind == "dense" else 1,
+                kh, kh, generator=gen), bias=torch.randn(c_out, generator=gen),
+                in_window=(5, 17) if kind == "dense" else (1, 4), out_window=(2, 15) if kind == "dense" else (1, 4),
+                stride=(1, 1) if kind == "dense" else (2, 2), padding=(1, 1), dilation=(1, 1),
+                groups=1 if kind == "dense" else c_in)
+    assert_matches_reference(case, emulated, torch.float32)
+
+
+def test_emulated_kernels_check_their_arguments(emulated):
+    x, weight = torch.randn(1, 4, 5, 5), torch.randn(3, 4, 3, 3)
+    with pytest.raises(RuntimeError, match=r"in_window \(2, 3\) is out of range for 4 channels"):
+        emulated.forward(x, weight, None, [2, 3], [0, 3], [1, 1], [1, 1], [1, 1], False)
+    with pytest.raises(RuntimeError, match="grad_out has shape"):
+        emulated.grad_weight(torch.randn(1, 3, 4, 4), x, weight, [0, 4], [0, 3], [1, 1], [1, 1], [1, 1], False)
 
 
 @pytest.mark.skipif(os.environ.get("COMPRESSOR_BUILD_KERNELS") != "1",

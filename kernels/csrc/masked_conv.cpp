@@ -1,6 +1,7 @@
-// Python binding of the masked convolution kernels (masked_conv_cuda.cu) and the checks that keep
-// them in bounds. The Python wrapper (masked_conv.py) validates arguments for users; these checks
-// guard the raw kernels against direct calls.
+// Python binding of the masked convolution kernels and the checks that keep them in bounds. The
+// Python wrapper (masked_conv.py) validates arguments for users; these checks guard the raw kernels
+// against direct calls. Linked with masked_conv_cuda.cu (CUDA tensors) or, built with
+// -DMASKED_CONV_EMULATED, with masked_conv_emulated.cpp (the same kernels on CPU tensors).
 
 #include <torch/extension.h>
 
@@ -8,27 +9,7 @@
 #include <optional>
 #include <vector>
 
-at::Tensor masked_conv_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                    const std::optional<at::Tensor>& bias,
-                                    const std::vector<int64_t>& in_window,
-                                    const std::vector<int64_t>& out_window,
-                                    const std::vector<int64_t>& stride,
-                                    const std::vector<int64_t>& padding,
-                                    const std::vector<int64_t>& dilation, bool depthwise);
-at::Tensor masked_conv_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& x,
-                                       const at::Tensor& weight,
-                                       const std::vector<int64_t>& in_window,
-                                       const std::vector<int64_t>& out_window,
-                                       const std::vector<int64_t>& stride,
-                                       const std::vector<int64_t>& padding,
-                                       const std::vector<int64_t>& dilation, bool depthwise);
-at::Tensor masked_conv_grad_weight_cuda(const at::Tensor& grad_out, const at::Tensor& x,
-                                        const at::Tensor& weight,
-                                        const std::vector<int64_t>& in_window,
-                                        const std::vector<int64_t>& out_window,
-                                        const std::vector<int64_t>& stride,
-                                        const std::vector<int64_t>& padding,
-                                        const std::vector<int64_t>& dilation, bool depthwise);
+#include "masked_conv_ops.h"
 
 namespace {
 
@@ -49,7 +30,11 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const std::option
                 const std::vector<int64_t>& in_window, const std::vector<int64_t>& out_window,
                 const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                 const std::vector<int64_t>& dilation, bool depthwise) {
+#ifdef MASKED_CONV_EMULATED
+  TORCH_CHECK(x.is_cpu() && weight.is_cpu(), "masked_conv (emulated): x and weight must be CPU tensors");
+#else
   TORCH_CHECK(x.is_cuda() && weight.is_cuda(), "masked_conv: x and weight must be CUDA tensors");
+#endif
   TORCH_CHECK(x.device() == weight.device(), "masked_conv: x and weight are on different devices");
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "masked_conv: x and weight must be 4-D");
   const auto dtype = x.scalar_type();
@@ -97,8 +82,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
                    const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                    const std::vector<int64_t>& dilation, bool depthwise) {
   check_args(x, weight, bias, in_window, out_window, stride, padding, dilation, depthwise);
-  return masked_conv_forward_cuda(x, weight, bias, in_window, out_window, stride, padding, dilation,
-                                  depthwise);
+  return masked_conv_ops().forward(x, weight, bias, in_window, out_window, stride, padding, dilation, depthwise);
 }
 
 at::Tensor grad_input(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
@@ -107,8 +91,8 @@ at::Tensor grad_input(const at::Tensor& grad_out, const at::Tensor& x, const at:
                       const std::vector<int64_t>& dilation, bool depthwise) {
   check_args(x, weight, std::nullopt, in_window, out_window, stride, padding, dilation, depthwise);
   check_grad_out(grad_out, x, weight, stride, padding, dilation);
-  return masked_conv_grad_input_cuda(grad_out, x, weight, in_window, out_window, stride, padding,
-                                     dilation, depthwise);
+  return masked_conv_ops().grad_input(grad_out, x, weight, in_window, out_window, stride, padding, dilation,
+                                      depthwise);
 }
 
 at::Tensor grad_weight(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
@@ -117,12 +101,12 @@ at::Tensor grad_weight(const at::Tensor& grad_out, const at::Tensor& x, const at
                        const std::vector<int64_t>& dilation, bool depthwise) {
   check_args(x, weight, std::nullopt, in_window, out_window, stride, padding, dilation, depthwise);
   check_grad_out(grad_out, x, weight, stride, padding, dilation);
-  return masked_conv_grad_weight_cuda(grad_out, x, weight, in_window, out_window, stride, padding,
-                                      dilation, depthwise);
+  return masked_conv_ops().grad_weight(grad_out, x, weight, in_window, out_window, stride, padding, dilation,
+                                       depthwise);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Masked 2-D convolution restricted to channel windows (CUDA).";
+  m.doc() = "Masked 2-D convolution restricted to channel windows.";
   m.def("forward", &forward, "Full-width output, zero outside out_window", py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("in_window"), py::arg("out_window"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"), py::arg("depthwise"));
