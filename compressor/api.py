@@ -117,9 +117,10 @@ def plot_pareto(history, chosen, limit, path, metric="flops"):
 
 
 def compress(model: nn.Module, budget, train_data, val_data=None, *, example_input=None, method="bcnet",
-             supernet_epochs=1.0, finetune_epochs=1.0, batch_size=64, lr=0.05, finetune_lr=0.01,
+             supernet_epochs=1.0, finetune_epochs=1.0, batch_size=64, lr=0.01, finetune_lr=0.01,
              distill=False, effort=0.25, search_fraction=0.1, calib_batches=20, bins=20, divisor=8, exclude=(),
-             device=None, out_dir=None, seed=0, export=(), progress=True, latency_options=None) -> CompressionResult:
+             device=None, out_dir=None, seed=0, export=(), progress=True, latency_options=None,
+             conv_impl="auto") -> CompressionResult:
     """Compress a pretrained `model` to meet `budget` (e.g. "flops<=50%" or "flops<=50%,params<=2M").
 
     `train_data` is a Dataset of (image, label); a `search_fraction` of it is held out to score
@@ -170,7 +171,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
              ", ".join(f"{b.text}: {human(b.metric, b.limit)}" for b in bounds))
 
     fit_data, held_out = train_val_split(train_data, search_fraction, seed)
-    net = supernet(work, space)
+    net = supernet(work, space, impl=conv_impl)
     t = time.time()
     trained = train_supernet(net, fit_data, method=method, epochs=supernet_epochs, batch_size=batch_size, lr=lr,
                              teacher=original if distill else None, seed=seed, progress=progress,

@@ -137,7 +137,7 @@ def _kd(student_logits, teacher_logits):
 
 
 def train_supernet(net: Supernet, train_data, *, method="bcnet", steps=None, epochs=None, batch_size=None,
-                   lr=0.05, momentum=0.9, weight_decay=4e-5, label_smoothing=0.1, teacher: nn.Module = None,
+                   lr=0.01, momentum=0.9, weight_decay=4e-5, label_smoothing=0.1, teacher: nn.Module = None,
                    distill_weight=0.5, checkpoint_dir=None, checkpoint_every=200, seed=0, records_k=100,
                    device=None, progress=True) -> TrainResult:
     """Train `net` (a cz.supernet) on `train_data` (a Dataset or DataLoader of (image, label)).
