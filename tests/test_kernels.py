@@ -208,17 +208,24 @@ def test_emulated_kernels_low_precision(emulated, seed, kind, dtype):
     assert_matches_reference(random_case(seed, kind), emulated, dtype)
 
 
-@pytest.mark.parametrize("kind", ["dense", "depthwise"])
-def test_emulated_kernels_on_a_layer_that_fills_the_blocks(emulated, kind):
+LAYERS = {  # name: c_in, c_out, kernel, stride, padding, in_window, out_window, depthwise
+    "dense 3x3": (24, 20, 3, 1, 1, (5, 17), (2, 15), False),
+    "dense 7x7 stride 2": (5, 9, 7, 2, 3, (1, 3), (0, 9), False),  # 49 taps: six passes of the tap tile
+    "depthwise 3x3 stride 2": (6, 6, 3, 2, 1, (1, 4), (1, 4), True),
+    "depthwise 5x5": (10, 10, 5, 1, 2, (3, 6), (3, 6), True),
+}
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_emulated_kernels_on_a_layer_that_fills_the_blocks(emulated, layer):
     """Several blocks with a partial last one, a partial channel tile, every thread of the weight
-    gradient's reduction holding data (dense), the batch split across blocks (depthwise)."""
+    gradient's reduction holding data, several tap tiles, the batch split across blocks."""
+    c_in, c_out, k, stride, padding, in_window, out_window, depthwise = LAYERS[layer]
     gen = torch.Generator().manual_seed(3)
-    c_in, c_out, kh = (24, 20, 3) if kind == "dense" else (6, 6, 3)
-    case = dict(x=torch.randn(6, c_in, 12, 12, generator=gen), weight=torch.randn(c_out, c_in if kind == "dense" else 1,
-                kh, kh, generator=gen), bias=torch.randn(c_out, generator=gen),
-                in_window=(5, 17) if kind == "dense" else (1, 4), out_window=(2, 15) if kind == "dense" else (1, 4),
-                stride=(1, 1) if kind == "dense" else (2, 2), padding=(1, 1), dilation=(1, 1),
-                groups=1 if kind == "dense" else c_in)
+    case = dict(x=torch.randn(6, c_in, 12, 12, generator=gen),
+                weight=torch.randn(c_out, 1 if depthwise else c_in, k, k, generator=gen),
+                bias=torch.randn(c_out, generator=gen), in_window=in_window, out_window=out_window,
+                stride=(stride, stride), padding=(padding, padding), dilation=(1, 1), groups=c_in if depthwise else 1)
     assert_matches_reference(case, emulated, torch.float32)
 
 
