@@ -72,7 +72,8 @@ def main():
     args = parser.parse_args()
 
     import torchvision
-    names = args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
+    every = torchvision.models.list_models(module=torchvision.models)
+    names = args.models.split(",") if args.models else every
     ctx = mp.get_context("spawn")
     # resumable: rows already in the result file are kept, and it is rewritten after every model
     previous = os.path.join(RESULTS, args.out)
@@ -92,13 +93,14 @@ def main():
             row = queue.get()
         rows.append(row)
         print(f"{row['model']:28s} {row['status']:12s} {row.get('groups', '')!s:>4} {row.get('seconds', '')}", flush=True)
-        write_result(args.out, {"summary": summarise(rows, names), "rows": rows, "machine": machine_info()})
+        write_result(args.out, {"summary": summarise(rows, every), "rows": rows, "machine": machine_info()})
     ok = sum(r["status"] == "ok" for r in rows)
-    print(f"\n{ok} of {len(rows)} models: parity and exact cost on 3 configurations x 2 sides\n")
+    print(f"\n{ok} of the {len(rows)} models run ({len(every)} in torchvision) pass: parity and exact cost on 3 "
+          f"configurations x 2 sides\n")
     print("| model | status | groups (frozen) | parity | cost match | reason |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        groups = f"{r['groups']} ({r['frozen']})" if "groups" in r else ""
+        groups = f"{r['groups']} ({r.get('frozen', '?')})" if "groups" in r else ""  # early rows lack 'frozen'
         print(f"| {r['model']} | {r['status']} | {groups} | {r.get('parity', '')} | {r.get('cost_match', '')} "
               f"| {r.get('reason', '')[:120]} |")
 
