@@ -57,6 +57,8 @@ def main():
     parser.add_argument("--rows", default="original,bcnet,ua,uniform,tp-l1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.01, help="supernet learning rate (compress's lr)")
+    parser.add_argument("--channel-order", choices=("l1", "l1-both-ends", "none"), default="l1",
+                        help="compress's channel_order")
     parser.add_argument("--tag", default="", help="suffix of the result file, to keep runs apart")
     args = parser.parse_args()
 
@@ -99,7 +101,7 @@ def main():
             finetune(model, train, **ft)
             rows.append(row("original+ft", model, time.time() - t0))
         elif name in ("bcnet", "ua"):
-            result = cz.compress(model, args.budget, train, None, example_input=x, method=name, lr=args.lr,
+            result = cz.compress(model, args.budget, train, None, example_input=x, method=name, lr=args.lr, channel_order=args.channel_order,
                                  supernet_epochs=setting["supernet_epochs"], finetune_epochs=ft["epochs"],
                                  finetune_lr=ft["lr"], effort=setting["effort"], calib_batches=setting["calib_batches"],
                                  device=device, seed=args.seed)
@@ -122,7 +124,7 @@ def main():
         print(rows[-1], flush=True)
         # after every row, so an interrupted run keeps what it measured
         path = write_result(f"cifar_quality-{args.setting}{args.tag}.json",
-                            {"setting": args.setting, "supernet_lr": args.lr, "settings": setting, "budget": args.budget, "rows": rows,
+                            {"setting": args.setting, "supernet_lr": args.lr, "channel_order": args.channel_order, "settings": setting, "budget": args.budget, "rows": rows,
                              "complete": len(rows) >= len(args.rows.split(",")), "machine": machine_info()})
     print(f"\nResNet-56, CIFAR-10 JPEG, {args.budget}, '{args.setting}' setting: {setting}")
     print("| method | test top-1 | MFLOPs | params | wall s |")

@@ -25,13 +25,15 @@ from .files import atomic_output, write_text_atomic
 from .finetune import accuracy, finetune, loader
 from .latency import attached, build_latency_model, runtime
 from .search import constraints, human, recalibrate_bn, search
-from .slim import save_slim, slim
+from .slim import order_channels, save_slim, slim
 from .space import analyze, check_model
 from .supernet import supernet
 from .timing import cpu_latency_ms
 from .train import _check_writable, train_supernet
 
 log = logging.getLogger("compressor")
+# compress(channel_order=...): the layout order_channels gives each group (None: keep the model's order)
+CHANNEL_ORDERS = {"l1": "left", "l1-both-ends": "both-ends", "none": None}
 LATENCY_RETRIES = 2  # searches again with a tightened limit when the delivered model is too slow
 
 
@@ -120,7 +122,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
              supernet_epochs=1.0, finetune_epochs=1.0, batch_size=64, lr=0.01, finetune_lr=0.01,
              distill=False, effort=0.25, search_fraction=0.1, calib_batches=20, bins=20, divisor=8, exclude=(),
              device=None, out_dir=None, seed=0, export=(), progress=True, latency_options=None,
-             conv_impl="auto") -> CompressionResult:
+             conv_impl="auto", channel_order="l1") -> CompressionResult:
     """Compress a pretrained `model` to meet `budget` (e.g. "flops<=50%" or "flops<=50%,params<=2M").
 
     `train_data` is a Dataset of (image, label); a `search_fraction` of it is held out to score
@@ -140,6 +142,8 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     budget = parse_budget(budget)
     if method not in ("bcnet", "ua"):
         raise ConfigError(f"unknown method {method!r}: use 'bcnet' or 'ua'")
+    if channel_order not in CHANNEL_ORDERS:
+        raise ConfigError(f"unknown channel_order {channel_order!r}: use {', '.join(map(repr, CHANNEL_ORDERS))}")
     export = [export] if isinstance(export, str) else list(export)
     for fmt in export:
         if fmt != "onnx" and fmt not in ("trt-fp32", "trt-fp16", "trt-int8"):
@@ -170,6 +174,8 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     log.info("%d channel groups (%d frozen); budget %s", len(space), len(space.frozen),
              ", ".join(f"{b.text}: {human(b.metric, b.limit)}" for b in bounds))
 
+    if channel_order != "none":
+        work = order_channels(work, space, layout=CHANNEL_ORDERS[channel_order])
     fit_data, held_out = train_val_split(train_data, search_fraction, seed)
     net = supernet(work, space, impl=conv_impl)
     t = time.time()

@@ -51,9 +51,9 @@ def cmd_compress(args):
     learning_rates = {k: getattr(args, k) for k in ("lr", "finetune_lr") if getattr(args, k) is not None}
     result = compress(model, args.budget, train, val, example_input=x, method=args.method,
                       supernet_epochs=args.supernet_epochs, finetune_epochs=args.finetune_epochs,
-                      batch_size=args.batch_size, conv_impl=args.conv_impl, effort=args.effort, distill=args.distill,
-                      device=args.device, out_dir=args.out, seed=args.seed, export=[e for e in args.export.split(",") if e],
-                      progress=not args.quiet, **learning_rates)
+                      batch_size=args.batch_size, conv_impl=args.conv_impl, channel_order=args.channel_order,
+                      effort=args.effort, distill=args.distill, device=args.device, out_dir=args.out, seed=args.seed,
+                      export=[e for e in args.export.split(",") if e], progress=not args.quiet, **learning_rates)
     print(json.dumps({k: getattr(result, k) for k in ("widths", "side", "original", "result", "limits", "paths")},
                      indent=1))
 
@@ -122,6 +122,8 @@ def build_parser():
     p.add_argument("--lr", type=float, help="supernet learning rate (default: compress()'s)")
     p.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default: compress()'s)")
     p.add_argument("--effort", type=float, default=0.25, help="search effort (1.0 = population 50 x 40 generations)")
+    p.add_argument("--channel-order", choices=("l1", "l1-both-ends", "none"), default="l1",
+                   help="l1: order each group's channels by weight magnitude before training (default)")
     p.add_argument("--conv-impl", choices=("auto", "reference", "sliced", "cuda"), default="auto",
                    help="masked convolution in supernet training (auto: the CUDA kernel on a GPU, else sliced)")
     p.add_argument("--distill", action="store_true", help="distil the original model into the subnets")

@@ -50,15 +50,19 @@ def _cut(module, name, dim, keep):
         module._buffers[name] = kept
 
 
-def _remove(module, role, drop):
+def _layer_size(module, role):
     kind = layer_kind(module)
     if kind == "bn":
-        size = module.num_features
-    elif kind == "linear":
-        size = module.out_features if role == "out" else module.in_features
-    else:
-        size = module.out_channels if role == "out" else module.in_channels
-    keep = torch.from_numpy(np.setdiff1d(np.arange(size), drop))
+        return module.num_features
+    if kind == "linear":
+        return module.out_features if role == "out" else module.in_features
+    return module.out_channels if role == "out" else module.in_channels
+
+
+def _select(module, role, keep):
+    """Keep layer indices `keep` (a LongTensor, in that order) of the channels `role` addresses:
+    fewer of them slims the layer, all of them in another order permutes it."""
+    kind = layer_kind(module)
     n = len(keep)
     if kind == "bn":
         for attr in ("weight", "bias", "running_mean", "running_var"):
@@ -75,6 +79,58 @@ def _remove(module, role, drop):
     else:
         _cut(module, "weight", 1, keep)
         setattr(module, "in_features" if kind == "linear" else "in_channels", n)
+
+
+def _remove(module, role, drop):
+    _select(module, role, torch.from_numpy(np.setdiff1d(np.arange(_layer_size(module, role)), drop)))
+
+
+def channel_importance(model: nn.Module, space: WidthSpace) -> list:
+    """Per group, a (size,) array: each channel's L1 weight magnitude summed over the group's
+    layers (conv and linear rows or columns, depthwise filters, |BN scale|), each layer's
+    magnitudes divided by their mean first so that no layer dominates by its scale alone."""
+    scores = []
+    for group in space.groups:
+        score = np.zeros(group.size)
+        for (name, role), table in group.index.items():
+            module = model.get_submodule(name)
+            weight = getattr(module, "weight", None)
+            if weight is None:
+                continue
+            w = weight.detach().abs().float()
+            dim = 1 if role == "in" and layer_kind(module) != "bn" else 0
+            others = tuple(d for d in range(w.dim()) if d != dim)
+            per_index = (w.sum(others) if others else w).cpu().numpy()  # sum over () would sum everything
+            per_index = per_index / max(per_index.mean(), 1e-12)
+            score += per_index[table].sum(1)
+        scores.append(score)
+    return scores
+
+
+def order_channels(model: nn.Module, space: WidthSpace, layout: str = "left") -> nn.Module:
+    """A copy of `model` that computes the same function with every group's channels permuted
+    by channel_importance. layout "left": most important first, so the left path of any width
+    starts as the magnitude-pruned network; "both-ends": ranks alternate from the two ends
+    (0 at the left end, 1 at the right end, 2 next to 0, ...), so the left and the right path of a
+    width start equally good. `space` stays valid for the copy (same shapes and index tables)."""
+    if layout not in ("left", "both-ends"):
+        raise ConfigError(f"layout must be 'left' or 'both-ends', got {layout!r}")
+    check_space(model, space)
+    ordered = copy.deepcopy(model)
+    orders = {}  # (module, role): new layer index -> old layer index
+    for group, score in zip(space.groups, channel_importance(model, space)):
+        perm = np.argsort(-score, kind="stable")  # position -> group channel, for layout "left"
+        if layout == "both-ends":
+            n = group.size
+            ends = np.empty(n, dtype=int)  # the position of rank r
+            ends[0::2], ends[1::2] = np.arange((n + 1) // 2), n - 1 - np.arange(n // 2)
+            perm = perm[np.argsort(ends)]
+        for (name, role), table in group.index.items():
+            order = orders.setdefault((name, role), np.arange(_layer_size(model.get_submodule(name), role)))
+            order[table.ravel()] = table[perm].ravel()
+    for (name, role), order in orders.items():
+        _select(ordered.get_submodule(name), role, torch.from_numpy(order))
+    return ordered
 
 
 def slim(model: nn.Module, space: WidthSpace, cfg, side: str = "left", check: bool = True,

@@ -81,6 +81,8 @@ def test_bad_budgets_fail_before_training(pretrained, budget, error, message, tm
 def test_bad_arguments(pretrained, tmp_path):
     with pytest.raises(cz.ConfigError, match="method"):
         cz.compress(pretrained, "flops<=50%", quadrant_data(64), method="fancy", progress=False)
+    with pytest.raises(cz.ConfigError, match="channel_order 'random'.*'l1', 'l1-both-ends', 'none'"):
+        cz.compress(pretrained, "flops<=50%", quadrant_data(64), channel_order="random", progress=False)
     with pytest.raises(cz.ConfigError, match="empty"):
         cz.compress(pretrained, "flops<=50%", quadrant_data(0), progress=False)
     with pytest.raises(cz.ConfigError, match="export"):

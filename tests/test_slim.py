@@ -226,3 +226,44 @@ def test_cifar_resnets_slim_with_parity(factory):
         assert cz.measure_flops(small, x) == space.flops(cfg) and cz.count_params(small) == space.params(cfg)
         # the fixed identity shortcut stays frozen in the slim model
         assert not small.layer2[0].shortcut.weight.requires_grad
+
+
+@pytest.mark.parametrize("name,layout", [("resnet18", "left"), ("mobilenet_v2", "left"), ("densenet121", "left"),
+                                         ("googlenet", "left"), ("resnet18", "both-ends"),
+                                         ("mobilenet_v2", "both-ends")])
+def test_order_channels_keeps_the_function_and_sorts_by_magnitude(name, layout):
+    """Residual adds (ResNet), depthwise convs (MobileNetV2), concatenations (DenseNet, GoogLeNet)."""
+    import numpy as np
+
+    from compressor.slim import channel_importance
+
+    torch.manual_seed(0)
+    model = with_real_statistics(torchvision.models.get_model(name, weights=None, **(
+        {"init_weights": True, "aux_logits": False} if name == "googlenet" else {})))
+    before = snapshot(model)
+    space = cz.analyze(model, X)
+    ordered = cz.order_channels(model, space, layout=layout)
+    assert_unchanged(model, before)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+        assert (y - ordered(x)).abs().max() <= tol(y)
+    original, now = channel_importance(model, space), channel_importance(ordered, space)
+    for group, old, new in zip(space.groups, original, now):
+        assert np.allclose(np.sort(new), np.sort(old), rtol=1e-5), group.name  # the same scores, moved
+        eps = 1e-6 * old.max()
+        if layout == "left":
+            assert np.all(np.diff(new) <= eps), group.name
+        else:  # falling from the left end to the middle, rising from the middle to the right end
+            half = (len(new) + 1) // 2
+            assert np.all(np.diff(new[:half]) <= eps) and np.all(np.diff(new[half:]) >= -eps), group.name
+            assert new[0] >= new[-1] - eps and (len(new) < 3 or new[-1] >= new[1] - eps), group.name
+    assert sum(not np.allclose(old, new) for old, new in zip(original, now)) > len(space) // 2
+    # the space still describes the ordered model: slimming it passes the parity check inside slim
+    cz.slim(ordered, space, space.uniform(0.5), "right" if layout == "both-ends" else "left")
+
+
+def test_order_channels_rejects_an_unknown_layout():
+    model = torchvision.models.resnet18(weights=None)
+    with pytest.raises(cz.ConfigError, match="layout must be 'left' or 'both-ends'"):
+        cz.order_channels(model, cz.analyze(model, X), layout="middle")
