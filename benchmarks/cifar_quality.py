@@ -57,7 +57,7 @@ def main():
     parser.add_argument("--rows", default="original,bcnet,ua,uniform,tp-l1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.01, help="supernet learning rate (compress's lr)")
-    parser.add_argument("--channel-order", choices=("l1", "l1-both-ends", "none"), default="l1",
+    parser.add_argument("--channel-order", choices=("l1", "l1-both-ends", "none"), default="none",
                         help="compress's channel_order")
     parser.add_argument("--tag", default="", help="suffix of the result file, to keep runs apart")
     args = parser.parse_args()

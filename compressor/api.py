@@ -122,7 +122,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
              supernet_epochs=1.0, finetune_epochs=1.0, batch_size=64, lr=0.01, finetune_lr=0.01,
              distill=False, effort=0.25, search_fraction=0.1, calib_batches=20, bins=20, divisor=8, exclude=(),
              device=None, out_dir=None, seed=0, export=(), progress=True, latency_options=None,
-             conv_impl="auto", channel_order="l1") -> CompressionResult:
+             conv_impl="auto", channel_order="none") -> CompressionResult:
     """Compress a pretrained `model` to meet `budget` (e.g. "flops<=50%" or "flops<=50%,params<=2M").
 
     `train_data` is a Dataset of (image, label); a `search_fraction` of it is held out to score
@@ -135,7 +135,12 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     tightened by measured/limit (at most LATENCY_RETRIES times) before LatencyBudgetMissed is
     raised. With `out_dir`, writes report.json, model.pt (cz.load_slim), pareto.png and
     the `export` artifacts ("onnx", "trt-fp32", "trt-fp16", "trt-int8"), and keeps supernet
-    checkpoints there so an interrupted run resumes. The user's model is never modified.
+    checkpoints there so an interrupted run resumes. `conv_impl` is the supernet's masked
+    convolution (cz.kernels.masked_conv2d's impl: "auto" runs the CUDA kernel on a GPU when it
+    builds, "sliced" otherwise). `channel_order="l1"` first permutes each group's channels by L1
+    weight magnitude (cz.order_channels: the same function, but every left path starts as the
+    magnitude-pruned network), "l1-both-ends" alternates the ranks from both ends; "none" (the
+    default) keeps the model's order. The user's model is never modified.
     """
     t_start = time.time()
     check_model(model, example_input if example_input is not None else torch.zeros(1))

@@ -122,8 +122,8 @@ def build_parser():
     p.add_argument("--lr", type=float, help="supernet learning rate (default: compress()'s)")
     p.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default: compress()'s)")
     p.add_argument("--effort", type=float, default=0.25, help="search effort (1.0 = population 50 x 40 generations)")
-    p.add_argument("--channel-order", choices=("l1", "l1-both-ends", "none"), default="l1",
-                   help="l1: order each group's channels by weight magnitude before training (default)")
+    p.add_argument("--channel-order", choices=("l1", "l1-both-ends", "none"), default="none",
+                   help="l1: order each group's channels by weight magnitude before training (default: none)")
     p.add_argument("--conv-impl", choices=("auto", "reference", "sliced", "cuda"), default="auto",
                    help="masked convolution in supernet training (auto: the CUDA kernel on a GPU, else sliced)")
     p.add_argument("--distill", action="store_true", help="distil the original model into the subnets")
