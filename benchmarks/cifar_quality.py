@@ -101,9 +101,9 @@ def main():
             finetune(model, train, **ft)
             rows.append(row("original+ft", model, time.time() - t0))
         elif name in ("bcnet", "ua"):
-            result = cz.compress(model, args.budget, train, None, example_input=x, method=name, lr=args.lr, channel_order=args.channel_order,
-                                 supernet_epochs=setting["supernet_epochs"], finetune_epochs=ft["epochs"],
-                                 finetune_lr=ft["lr"], effort=setting["effort"], calib_batches=setting["calib_batches"],
+            result = cz.compress(model, args.budget, train, None, example_input=x, method=name, lr=args.lr,
+                                 channel_order=args.channel_order, supernet_epochs=setting["supernet_epochs"],
+                                 finetune_epochs=ft["epochs"], finetune_lr=ft["lr"], effort=setting["effort"], calib_batches=setting["calib_batches"],
                                  device=device, seed=args.seed)
             rows.append(row(name, result.model, time.time() - t0, widths=result.widths, side=result.side,
                             supernet_score=result.supernet_score))
@@ -124,7 +124,8 @@ def main():
         print(rows[-1], flush=True)
         # after every row, so an interrupted run keeps what it measured
         path = write_result(f"cifar_quality-{args.setting}{args.tag}.json",
-                            {"setting": args.setting, "supernet_lr": args.lr, "channel_order": args.channel_order, "settings": setting, "budget": args.budget, "rows": rows,
+                            {"setting": args.setting, "supernet_lr": args.lr, "channel_order": args.channel_order,
+                             "settings": setting, "budget": args.budget, "rows": rows,
                              "complete": len(rows) >= len(args.rows.split(",")), "machine": machine_info()})
     print(f"\nResNet-56, CIFAR-10 JPEG, {args.budget}, '{args.setting}' setting: {setting}")
     print("| method | test top-1 | MFLOPs | params | wall s |")

@@ -188,10 +188,11 @@ def emulated():
     return build_emulated()  # about a minute the first time, then cached
 
 
-def assert_matches_reference(case, extension, dtype):
+def assert_matches_reference(case, impl, dtype, device="cpu"):
+    """`impl` (a name or the emulated extension) against the float64 reference on inputs rounded to dtype."""
     rounded = {k: v.to(dtype).double() if torch.is_tensor(v) else v for k, v in case.items()}
-    expected = run(rounded, "reference", dtype=torch.float64, grad_dtype=dtype)
-    actual = run(case, extension, dtype=dtype)
+    expected = run(rounded, "reference", dtype=torch.float64, device=device, grad_dtype=dtype)
+    actual = run(case, impl, dtype=dtype, device=device)
     assert actual[0].dtype == dtype
     for name, a, e in zip(("output", "grad x", "grad weight", "grad bias"), actual, expected):
         assert rel_err(a, e) <= TOL[dtype], name
@@ -250,13 +251,7 @@ def test_extension_builds():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("seed,kind", [(s, k) for k in ("dense", "depthwise") for s in range(6)])
 def test_cuda_matches_reference(seed, kind, dtype):
-    case = random_case(seed, kind)
-    rounded = {k: v.to(dtype).double() if torch.is_tensor(v) else v for k, v in case.items()}
-    expected = run(rounded, "reference", dtype=torch.float64, device="cuda", grad_dtype=dtype)
-    actual = run(case, "cuda", dtype=dtype, device="cuda")
-    assert actual[0].dtype == dtype
-    for name, a, e in zip(("output", "grad x", "grad weight", "grad bias"), actual, expected):
-        assert rel_err(a, e) <= TOL[dtype], name
+    assert_matches_reference(random_case(seed, kind), "cuda", dtype, device="cuda")
 
 
 @cuda
