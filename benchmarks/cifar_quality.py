@@ -103,8 +103,8 @@ def main():
         elif name in ("bcnet", "ua"):
             result = cz.compress(model, args.budget, train, None, example_input=x, method=name, lr=args.lr,
                                  channel_order=args.channel_order, supernet_epochs=setting["supernet_epochs"],
-                                 finetune_epochs=ft["epochs"], finetune_lr=ft["lr"], effort=setting["effort"], calib_batches=setting["calib_batches"],
-                                 device=device, seed=args.seed)
+                                 finetune_epochs=ft["epochs"], finetune_lr=ft["lr"], effort=setting["effort"],
+                                 calib_batches=setting["calib_batches"], device=device, seed=args.seed)
             rows.append(row(name, result.model, time.time() - t0, widths=result.widths, side=result.side,
                             supernet_score=result.supernet_score))
         elif name == "uniform":
