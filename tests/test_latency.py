@@ -3,10 +3,12 @@ latency constraints, compress()'s delivery check, and `compressor bench`, on rea
 sessions and real (small) models. Timings come from a busy machine: assertions are loose on
 purpose, but each one fails when the mechanism it checks is broken."""
 import ast
+import copy
 import itertools
 import json
 import logging
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -222,11 +224,44 @@ def _compress(model, budget, tmp_path):
                        latency_options=dict(cache_dir=str(tmp_path), **OPTIONS))
 
 
-def test_delivery_check_searches_again_when_the_model_is_too_optimistic(pretrained, tmp_path, monkeypatch):
-    """Predictions at 70% of the truth: the first pick (predicted within [0.8, 1] x limit) measures
-    ~14% or more over the limit, and each re-search runs with the limit divided by measured/limit.
-    Whether a later pick fits depends on the machine's noise and on how low the space reaches, so
-    both outcomes are accepted, each checked for what it must show."""
+def test_delivery_check_tightens_the_limit_by_the_measured_overshoot(pretrained, tmp_path):
+    """The delivery check on chosen configurations (which one a barely trained supernet's search
+    picks is noise): predictions at 60% of the truth and a pick predicted near the limit, so the real
+    slim model measures well over it; the re-search limit is the searched one divided by
+    measured/limit, other constraints are kept; a narrow model fits; a third miss gives up."""
+    model = copy.deepcopy(pretrained).eval()
+    space = cz.analyze(model, torch.randn(1, 3, 32, 32), bins=10, divisor=4)
+    real = build_latency_model(model, space, "ort-cpu", cache_dir=str(tmp_path), progress=False, attach=False,
+                               **OPTIONS)
+    attach_model(space, real.scaled(0.6))
+    budget = cz.parse_budget("latency<=65%@ort-cpu,flops<=95%")
+    latency, limit = budget[0], constraints(space, budget)[0].limit
+    fitting = [space.uniform(w) for w in np.linspace(0.1, 1, 37) if space.latency(space.uniform(w), "ort-cpu") <= limit]
+    wide, narrow = max(fitting, key=lambda c: space.latency(c, "ort-cpu")), space.min()
+    assert space.latency(wide, "ort-cpu") >= 0.8 * limit  # so it really runs at >= 0.8 / 0.6 x limit
+
+    def check(cfg, search_budget, attempts):
+        small = cz.slim(model, space, cfg)
+        return api._delivery_check(small, space, SimpleNamespace(cfg=tuple(cfg)), latency, limit, search_budget,
+                                   attempts)
+    attempts = []
+    tightened = check(wide, budget, attempts)
+    first, = attempts
+    assert first["measured_us"] > limit and first["limit_us"] == pytest.approx(limit)
+    assert first["predicted_us"] == pytest.approx(space.latency(wide, "ort-cpu"))
+    assert tightened[0].value == pytest.approx(limit * limit / first["measured_us"], rel=1e-3)
+    assert tightened[1] == budget[1]
+    assert check(narrow, tightened, attempts) is None  # a tenth of the width runs well under 65%
+    assert attempts[1]["measured_us"] <= limit and attempts[1]["limit_us"] == pytest.approx(tightened[0].value)
+    with pytest.raises(api.LatencyBudgetMissed, match=r"over the budget latency<=65%@ort-cpu.*after 2 re-searches"):
+        check(wide, tightened, attempts)
+
+
+def test_delivery_check_within_compress(pretrained, tmp_path, monkeypatch):
+    """Predictions at 70% of the truth, end to end. Whether the first pick misses (a pick predicted in
+    [0.8, 1] x limit does), and whether a later one fits, depend on the search and the machine's
+    noise, so every outcome is accepted and checked for what it must show; the test above pins the
+    re-search itself down."""
     _optimistic(monkeypatch, 0.7)
     try:
         result = _compress(pretrained, "latency<=65%@ort-cpu,flops<=95%", tmp_path)
@@ -238,7 +273,8 @@ def test_delivery_check_searches_again_when_the_model_is_too_optimistic(pretrain
         attempts, limit = e.attempts, e.attempts[0]["limit_us"]
         assert "over the budget latency<=65%@ort-cpu" in str(e) and attempts[-1]["measured_us"] > limit
         assert len(attempts) == 1 + api.LATENCY_RETRIES or "infeasible" in str(e)
-    assert len(attempts) >= 2 and attempts[0]["measured_us"] > limit == pytest.approx(attempts[0]["limit_us"])
+    assert attempts[0]["limit_us"] == pytest.approx(limit)
+    assert all(a["measured_us"] > limit for a in attempts[:-1])  # searched again only after a miss
     for before, after in zip(attempts, attempts[1:]):
         assert after["limit_us"] == pytest.approx(before["limit_us"] * limit / before["measured_us"], rel=1e-3)
     assert all(a["predicted_us"] <= a["limit_us"] for a in attempts)
