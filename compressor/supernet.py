@@ -3,7 +3,9 @@
 Left windows keep channels [0, k) of a group, right windows [n - k, n) (BCNet's bilateral
 coupling); every group of one forward pass is on the same side. Inactive channels are zeroed at
 the output of every layer that produces or normalises them, so the network computes exactly what
-the physically slimmed network computes on the active channels.
+the physically slimmed network computes on the active channels. Convolutions and batch norms whose
+channels are one contiguous window compute only that window (the rest of a width-k subnet's cost
+is that of a width-k network); the others compute full width and are masked.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
@@ -48,23 +51,34 @@ class Supernet(nn.Module):
         for name in self._targets:
             module = self.model.get_submodule(name)
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-                self._handles.append(module.register_forward_pre_hook(self._save_bn_stats))
+                self._handles.append(module.register_forward_pre_hook(self._save_bn_stats(name)))
         self._saved_stats = None
-        # convs whose channels are one window of one group (or none) compute only that window
-        self._conv_groups = self._windowed_convs()
-        self._conv_windows = {}
+        # convs and batch norms whose channels are one window of one group compute only that window
+        identity = self._identity_groups()
+        self._conv_groups, self._norm_groups = self._windowed_convs(identity), self._windowed_norms(identity)
+        self._conv_windows, self._norm_windows = {}, {}
         for name in self._conv_groups:
             module = self.model.get_submodule(name)
             module.forward = types.MethodType(self._windowed_forward(name), module)
+        for name in self._norm_groups:
+            module = self.model.get_submodule(name)
+            module.forward = types.MethodType(self._windowed_norm_forward(name), module)
 
-    def _windowed_convs(self):
-        """{conv name: (out group or None, in group or None)} for convs where each side's channels
-        are exactly one group in index order, so the active channels are one contiguous window."""
+    def _identity_groups(self):
+        """{(module, role): [groups]} where the module's channels on that role are the groups' in index order."""
         identity = {}
         for g, group in enumerate(self.space.groups):
             for (mname, role), table in group.index.items():
                 if table.shape[1] == 1 and (table[:, 0] == np.arange(group.size)).all():
                     identity.setdefault((mname, role), []).append(g)
+        return identity
+
+    def _covering(self, name, role):
+        return [g for g, grp in enumerate(self.space.groups) if (name, role) in grp.index]
+
+    def _windowed_convs(self, identity):
+        """{conv name: (out group or None, in group or None)} for convs where each side's channels
+        are exactly one group in index order, so the active channels are one contiguous window."""
         convs = {}
         for name, module in self.model.named_modules():
             if not isinstance(module, nn.Conv2d) or isinstance(module.padding, str) or module.padding_mode != "zeros":
@@ -76,7 +90,7 @@ class Supernet(nn.Module):
             for role, channels in (("out", module.out_channels), ("in", module.in_channels)):
                 if depthwise:
                     role = "out"
-                covering = [g for g, grp in enumerate(self.space.groups) if (name, role) in grp.index]
+                covering = self._covering(name, role)
                 if not covering:
                     sides.append(None)
                 elif identity.get((name, role)) == covering and self.space.groups[covering[0]].size == channels:
@@ -86,6 +100,25 @@ class Supernet(nn.Module):
             else:
                 convs[name] = tuple(sides)
         return convs
+
+    def _windowed_norms(self, identity):
+        """{batch norm name: group} for BatchNorm2d layers whose channels are exactly one group in index order."""
+        norms = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.BatchNorm2d):
+                covering = self._covering(name, "out")
+                if len(covering) == 1 and identity.get((name, "out")) == covering and \
+                        self.space.groups[covering[0]].size == module.num_features:
+                    norms[name] = covering[0]
+        return norms
+
+    def _windowed_norm_forward(self, name):
+        def forward(module, x):
+            window = self._norm_windows.get(name)
+            if window is None:
+                return type(module).forward(module, x)
+            return _batch_norm_window(module, x, *window)
+        return forward
 
     def _windowed_forward(self, name):
         def forward(module, x):
@@ -99,7 +132,7 @@ class Supernet(nn.Module):
     def _mask_hook(self, name):
         def hook(module, inputs, output):
             mask = self._masks.get(name)
-            if mask is None or name in self._conv_windows:  # masked_conv2d zeroed it already
+            if mask is None or name in self._conv_windows or name in self._norm_windows:  # zeroed already
                 return output
             key = (name, output.device, output.dtype)
             m = self._device_masks.get(key)
@@ -120,9 +153,11 @@ class Supernet(nn.Module):
             return output * m
         return hook
 
-    def _save_bn_stats(self, module, inputs):
-        if module.training and self._masks:
-            self._saved_stats = (module, module.running_mean.clone(), module.running_var.clone())
+    def _save_bn_stats(self, name):
+        def hook(module, inputs):
+            if module.training and self._masks and name not in self._norm_windows:
+                self._saved_stats = (module, module.running_mean.clone(), module.running_var.clone())
+        return hook
 
     def set(self, cfg, side="left"):
         """Activate configuration `cfg` on `side` ("left" or "right")."""
@@ -131,6 +166,8 @@ class Supernet(nn.Module):
         windows = self.space.windows(self.cfg, side)
         self._masks, self._device_masks = {}, {}
         self._conv_windows = {}
+        self._norm_windows = {name: windows[g] for name, g in self._norm_groups.items()
+                              if windows[g][1] < self.space.groups[g].size}
         for name, (g_out, g_in) in self._conv_groups.items():
             if (g_out is not None and windows[g_out][1] < self.space.groups[g_out].size) or \
                     (g_in is not None and windows[g_in][1] < self.space.groups[g_in].size):
@@ -154,7 +191,7 @@ class Supernet(nn.Module):
     def full(self):
         """Back to the full network (no masks)."""
         self.cfg, self.side = None, None
-        self._masks, self._device_masks, self._conv_windows = {}, {}, {}
+        self._masks, self._device_masks, self._conv_windows, self._norm_windows = {}, {}, {}, {}
         return self
 
     def active_channels(self, name: str):
@@ -164,6 +201,26 @@ class Supernet(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+
+def _batch_norm_window(bn, x, start, length):
+    """`bn` on channels [start, start + length) of x only, zeros elsewhere: what bn then the channel
+    mask computes, at the window's cost. The other channels' running statistics stay untouched
+    (METHOD section 2); the update rule is nn.BatchNorm2d.forward's."""
+    stop = start + length
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or bn.running_mean is None
+    stats = bn.running_mean is not None and (not bn.training or bn.track_running_stats)
+    window = lambda t: t[start:stop] if t is not None else None  # noqa: E731
+    # contiguous: on a strided slice the CPU kernel sums in another order, and float differences
+    # of ~1e-6 grow through the network
+    y = F.batch_norm(x[:, start:stop].contiguous(), window(bn.running_mean) if stats else None,
+                     window(bn.running_var) if stats else None, window(bn.weight), window(bn.bias),
+                     use_batch_stats, factor, bn.eps)
+    return F.pad(y, (0, 0, 0, 0, start, bn.num_features - stop))
 
 
 def check_space(model: nn.Module, space: WidthSpace):

@@ -113,7 +113,7 @@ def _sliced(x, weight, bias, in_window, out_window, stride, padding, dilation, g
                 pieces.append(conv(x[:, c:d], weight[a:b, c - g * gi:d - g * gi], _slice(bias, a, b), 1))
             else:  # no active input in this group: the output is the bias alone
                 pieces.append(_bias_only(x, weight, bias, a, b, stride, padding, dilation))
-        y = torch.cat(pieces, 1)
+        y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)  # groups=1: no copy
     return F.pad(y, (0, 0, 0, 0, o0, c_out - o0 - ol))
 
 

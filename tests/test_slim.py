@@ -1,4 +1,6 @@
 """Masked supernet and physical slimming: parity, exact cost, round trip, bad input."""
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -191,6 +193,47 @@ def test_masked_training_keeps_inactive_bn_statistics(mobilenet, mspace):
         net(torch.randn(4, 3, 64, 64))
     assert (bn.running_mean[:16] == 0.5).all()      # inactive (left half) untouched
     assert (bn.running_mean[16:] != 0.5).all()      # active half updated
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_a_training_step_matches_the_slim_network(name):
+    """Train mode, where batch norms use batch statistics and update running ones: the supernet
+    (whose batch norms compute only their window) and the physically slimmed network give the
+    same output, the same BN statistics and BN gradients on the active channels, and leave the
+    inactive channels' statistics and gradients alone."""
+    torch.manual_seed(0)
+    model = with_real_statistics(torchvision.models.get_model(name, weights=None))
+    space = cz.analyze(model, X)
+    x = torch.randn(4, 3, 64, 64)
+    for side in ("left", "right"):
+        cfg = space.random(seed=5)
+        small = cz.slim(model, space, cfg, side, check=False).train()
+        full = copy.deepcopy(model)
+        net = cz.supernet(full, space).set(cfg, side).train()
+        assert net._norm_windows  # the windowed path is the one under test
+        for module in (*small.modules(), *net.modules()):
+            if isinstance(module, torch.nn.Dropout):
+                module.eval()
+        y_net, y_small = net(x), small(x)
+        assert (y_net - y_small).abs().max() <= tol(y_small)
+        y_net.square().sum().backward()
+        y_small.square().sum().backward()
+        slim_norms = dict(small.named_modules())
+        # float error of the whole backward pass, not of one layer: some BN gradients are ~0 sums
+        scale = max(p.grad.abs().max() for p in small.parameters() if p.grad is not None)
+        for bn_name in net._norm_windows:
+            bn, slim_bn, before = full.get_submodule(bn_name), slim_norms[bn_name], model.get_submodule(bn_name)
+            active = net.active_channels(bn_name)
+            inactive = torch.ones(bn.num_features, dtype=torch.bool)
+            inactive[active] = False
+            for stat in ("running_mean", "running_var"):
+                assert torch.allclose(getattr(bn, stat)[active], getattr(slim_bn, stat), rtol=1e-4, atol=1e-6)
+                assert torch.equal(getattr(bn, stat)[inactive], getattr(before, stat)[inactive])
+            assert bn.num_batches_tracked == slim_bn.num_batches_tracked == before.num_batches_tracked + 1
+            for param in ("weight", "bias"):
+                grad, slim_grad = getattr(bn, param).grad, getattr(slim_bn, param).grad
+                assert torch.allclose(grad[active], slim_grad, rtol=1e-3, atol=1e-6 * scale)
+                assert not grad[inactive].any()
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121"])
