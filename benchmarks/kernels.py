@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common import machine_info
+from compressor.files import write_text_atomic
 from compressor.kernels import masked_conv2d
 
 WIDTH = 0.5
@@ -180,8 +181,7 @@ def main():
         "layers": rows,
         "supernet_step": supernet_step_benchmark(device, reps, warmup, cuda_reason),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(str(args.out), json.dumps(result, indent=2) + "\n", make_folder=True)
     print_table(rows, device, args.dtype)
     print("\nBCNet training step (left + right), ms; standalone = the two slimmed subnets")
     for row in result["supernet_step"]:
