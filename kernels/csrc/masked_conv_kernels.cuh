@@ -26,6 +26,16 @@ struct Geometry {
 
 __host__ __device__ inline int min_int(int a, int b) { return a < b ? a : b; }
 
+// One thread per element of an (n, len, hw) block of a channel window starting at `start`:
+// the thread's sample, channel and pixel.
+struct Element {
+  int n, c, p;
+};
+__host__ __device__ inline Element element_of(int64_t idx, int64_t hw, int start, int len) {
+  const int64_t nc = idx / hw;
+  return {static_cast<int>(nc / len), start + static_cast<int>(nc % len), static_cast<int>(idx % hw)};
+}
+
 // The output row (or column) that kernel tap `tap` reads input row `in` for, or -1 when the tap
 // lands between strides or outside the output: in = out * stride - pad + tap * dilation.
 __host__ __device__ inline int output_of(int in, int tap, int stride, int pad, int dilation, int out_size) {
@@ -92,10 +102,7 @@ __global__ void forward_depthwise_kernel(const scalar_t* __restrict__ x, const s
   const int64_t out_hw = static_cast<int64_t>(g.out_h) * g.out_w;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // over n * len * out_hw
   if (idx >= g.n * g.out_len * out_hw) return;
-  const int p = idx % out_hw;
-  const int64_t nc = idx / out_hw;
-  const int c = g.out_start + nc % g.out_len;
-  const int n = nc / g.out_len;
+  const auto [n, c, p] = element_of(idx, out_hw, g.out_start, g.out_len);
   const int ih0 = (p / g.out_w) * g.sh - g.ph;
   const int iw0 = (p % g.out_w) * g.sw - g.pw;
   const scalar_t* x_c = x + (static_cast<int64_t>(n) * g.c_in + c) * g.in_h * g.in_w;
@@ -171,10 +178,7 @@ __global__ void grad_input_depthwise_kernel(const scalar_t* __restrict__ gy, con
   const int64_t out_hw = static_cast<int64_t>(g.out_h) * g.out_w;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // over n * len * in_hw
   if (idx >= g.n * g.in_len * in_hw) return;
-  const int p = idx % in_hw;
-  const int64_t nc = idx / in_hw;
-  const int c = g.in_start + nc % g.in_len;
-  const int n = nc / g.in_len;
+  const auto [n, c, p] = element_of(idx, in_hw, g.in_start, g.in_len);
   const int ih = p / g.in_w;
   const int iw = p % g.in_w;
   const scalar_t* gy_c = gy + (static_cast<int64_t>(n) * g.c_out + c) * out_hw;
