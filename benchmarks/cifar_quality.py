@@ -2,8 +2,8 @@
 
 Rows, each with the same fine-tuning budget on the JPEG training split:
   original   the pretrained model fine-tuned (the baseline)
-  bcnet      cz.compress(method="bcnet")
-  ua         cz.compress(method="ua") (AutoSlim-style unilateral supernet)
+  <method>   cz.compress(method=<method>) for every registered method (compressor.methods):
+             bcnet, ua (AutoSlim-style unilateral supernet), ...
   uniform    the same width ratio in every group, the widest under the budget, fine-tuned
   tp-l1      Torch-Pruning's L1-magnitude pruner to the same FLOPs, fine-tuned
 
@@ -22,6 +22,7 @@ import time
 import torch
 
 from common import machine_info, write_result
+from compressor.methods import METHODS
 
 SETTINGS = {  # train images, test images, supernet epochs, fine-tune epochs, search effort, BN batches
     "quick": dict(train=2000, test=1000, supernet_epochs=1.0, finetune_epochs=1.0, effort=0.05, calib_batches=5),
@@ -54,7 +55,7 @@ def main():
     parser.add_argument("--setting", choices=SETTINGS, default="cpu",
                         help="quick: minutes on a CPU; cpu: the CPU default; full: all data, GPU-sized epochs")
     parser.add_argument("--budget", default="flops<=50%")
-    parser.add_argument("--rows", default="original,bcnet,ua,uniform,tp-l1")
+    parser.add_argument("--rows", default=",".join(["original", *METHODS.names(), "uniform", "tp-l1"]))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.01, help="supernet learning rate (compress's lr)")
     parser.add_argument("--channel-order", choices=("l1", "l1-both-ends", "none"), default="none",
@@ -100,7 +101,7 @@ def main():
             rows.append(row(name, model, 0.0, note="pretrained, before fine-tuning"))
             finetune(model, train, **ft)
             rows.append(row("original+ft", model, time.time() - t0))
-        elif name in ("bcnet", "ua"):
+        elif name in METHODS:
             result = cz.compress(model, args.budget, train, None, example_input=x, method=name, lr=args.lr,
                                  channel_order=args.channel_order, supernet_epochs=setting["supernet_epochs"],
                                  finetune_epochs=ft["epochs"], finetune_lr=ft["lr"], effort=setting["effort"],

@@ -1,5 +1,5 @@
 """compressor: BCNet width search and physical slimming for pretrained PyTorch CNNs."""
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 from .errors import CompressorError, ConfigError, InfeasibleBudgetError, UnsupportedModelError  # noqa: E402
 from .groups import ChannelGroup, Member  # noqa: E402

@@ -16,20 +16,21 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .budget import Budget, Constraint, parse_budget
 from .cost import count_params, measure_flops
 from .data import train_val_split
 from .errors import ConfigError, InfeasibleBudgetError
-from .files import atomic_output, write_text_atomic
+from .files import atomic_output, check_writable, write_text_atomic
 from .finetune import accuracy, finetune, loader
 from .latency import attached, build_latency_model, runtime
-from .search import constraints, human, recalibrate_bn, search
+from .methods import FitContext, Fitted, get_method
+from .search import constraints, human, recalibrate_bn
 from .slim import order_channels, save_slim, slim
 from .space import analyze, check_model
 from .supernet import supernet
 from .timing import cpu_latency_ms
-from .train import _check_writable, train_supernet
+from .train import train_supernet
 
 log = logging.getLogger("compressor")
 # compress(channel_order=...): the layout order_channels gives each group (None: keep the model's order)
@@ -119,16 +120,18 @@ def plot_pareto(history, chosen, limit, path, metric="flops"):
 
 
 def compress(model: nn.Module, budget, train_data, val_data=None, *, example_input=None, method="bcnet",
-             supernet_epochs=1.0, finetune_epochs=1.0, batch_size=64, lr=0.01, finetune_lr=0.01,
-             distill=False, effort=0.25, search_fraction=0.1, calib_batches=20, bins=20, divisor=8, exclude=(),
-             device=None, out_dir=None, seed=0, export=(), progress=True, latency_options=None,
-             conv_impl="auto", channel_order="none") -> CompressionResult:
+             method_options=None, supernet_epochs=1.0, finetune_epochs=1.0, batch_size=64, lr=0.01,
+             finetune_lr=0.01, distill=False, effort=0.25, search_fraction=0.1, calib_batches=20, bins=20,
+             divisor=8, exclude=(), device=None, out_dir=None, seed=0, export=(), progress=True,
+             latency_options=None, conv_impl="auto", channel_order="none") -> CompressionResult:
     """Compress a pretrained `model` to meet `budget` (e.g. "flops<=50%" or "flops<=50%,params<=2M").
 
     `train_data` is a Dataset of (image, label); a `search_fraction` of it is held out to score
     candidates. `val_data` (optional) measures the accuracy of the original and the result.
-    `method` is "bcnet" or the "ua" baseline. `effort` scales the evolutionary search (1.0 = the
-    paper's 50 x 40). A latency budget ("latency<=3ms@ort-cpu", "latency<=60%@ort-cpu") builds the
+    `method` is a registered method (compressor.methods.METHODS): "bcnet" or the "ua" baseline;
+    `method_options` a dict of its options ({"complementary": False}, {"n_random": 3}). `effort`
+    scales the evolutionary search (1.0 = the paper's 50 x 40). A latency budget
+    ("latency<=3ms@ort-cpu", "latency<=60%@ort-cpu") builds the
     latency model of the target first (`latency_options`: keyword arguments of
     compressor.latency.build_latency_model, e.g. cache_dir, points, calibration); the chosen slim
     model is then measured on the target and, when it misses, searched again with the limit
@@ -145,8 +148,8 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     t_start = time.time()
     check_model(model, example_input if example_input is not None else torch.zeros(1))
     budget = parse_budget(budget)
-    if method not in ("bcnet", "ua"):
-        raise ConfigError(f"unknown method {method!r}: use 'bcnet' or 'ua'")
+    spec = get_method(method)
+    options = spec.parse_options(method_options)
     if channel_order not in CHANNEL_ORDERS:
         raise ConfigError(f"unknown channel_order {channel_order!r}: use {', '.join(map(repr, CHANNEL_ORDERS))}")
     export = [export] if isinstance(export, str) else list(export)
@@ -160,7 +163,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     if example_input is None:
         example_input = train_data[0][0].unsqueeze(0)
     if out_dir:
-        _check_writable(out_dir, 50 * 1024 * 1024)
+        check_writable(out_dir, 50 * 1024 * 1024)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     original = copy.deepcopy(model).to(device).eval()  # the frozen reference (and distillation teacher)
@@ -182,30 +185,15 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     if channel_order != "none":
         work = order_channels(work, space, layout=CHANNEL_ORDERS[channel_order])
     fit_data, held_out = train_val_split(train_data, search_fraction, seed)
-    net = supernet(work, space, impl=conv_impl)
-    t = time.time()
-    trained = train_supernet(net, fit_data, method=method, epochs=supernet_epochs, batch_size=batch_size, lr=lr,
-                             teacher=original if distill else None, seed=seed, progress=progress,
-                             checkpoint_dir=os.path.join(out_dir, "checkpoints") if out_dir else None)
-    timings["supernet_s"] = time.time() - t
-
-    t = time.time()
-    calib, scoring = loader(fit_data, batch_size), loader(held_out, batch_size)
-    search_budget, attempts = budget, []
-    while True:
-        found = search(net, search_budget, calib, scoring, records=trained.records, effort=effort, seed=seed,
-                       calib_batches=calib_batches, sides=("left",) if method == "ua" else ("left", "right"),
-                       progress=progress)
-        # the slim model inherits BN statistics calibrated for its configuration
-        recalibrate_bn(net, found.cfg, found.side, calib, batches=calib_batches)
-        net.full()
-        small = slim(work, space, found.cfg, found.side)
-        if latency is None:
-            break
-        search_budget = _delivery_check(small, space, found, latency, limits["latency"], search_budget, attempts)
-        if search_budget is None:
-            break
-    timings["search_s"] = time.time() - t
+    fit = spec.fit or _fit_supernet  # a method that is not a supernet replaces the whole step
+    fitted = fit(FitContext(
+        model=work, space=space, train_data=fit_data, held_out=held_out, budget=budget, method=spec,
+        options=options, teacher=original if distill else None, latency=latency, limits=limits,
+        epochs=supernet_epochs, batch_size=batch_size, lr=lr, effort=effort, calib_batches=calib_batches,
+        conv_impl=conv_impl, checkpoint_dir=os.path.join(out_dir, "checkpoints") if out_dir else None, seed=seed,
+        progress=progress))
+    small, found, attempts = fitted.model, fitted.found, fitted.attempts
+    timings.update(fitted.timings)
     t = time.time()
     finetune(small, fit_data, epochs=finetune_epochs, batch_size=batch_size, lr=finetune_lr,
              teacher=original if distill else None, seed=seed, progress=progress)
@@ -228,7 +216,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     timings["total_s"] = time.time() - t_start
 
     result = CompressionResult(
-        model=small, widths=list(found.cfg), side=found.side, channels=space.channels(found.cfg), method=method,
+        model=small, widths=list(found.cfg), side=found.side, channels=space.channels(found.cfg), method=spec.name,
         budget=str(budget), limits=limits, original=before, result=measured, supernet_score=found.score,
         timings={k: round(v, 2) for k, v in timings.items()}, search=dict(found.to_dict(), latency_attempts=attempts))
     if not result.meets_budget():  # the cost model is exact: this would be a bug, not a near miss
@@ -238,6 +226,38 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     log.info("compressed: %s -> %s, %s -> %s", human("flops", before["flops"]), human("flops", measured["flops"]),
              human("params", before["params"]), human("params", measured["params"]))
     return result
+
+
+def _fit_supernet(ctx: FitContext) -> Fitted:
+    """The fit step of a supernet method: train the supernet, search it (again, with a tightened
+    limit, while the delivered model misses a latency budget) and slim the chosen configuration."""
+    timings, space = {}, ctx.space
+    net = supernet(ctx.model, space, impl=ctx.conv_impl)
+    t = time.time()
+    trained = train_supernet(net, ctx.train_data, method=ctx.method, method_options=ctx.options, epochs=ctx.epochs,
+                             batch_size=ctx.batch_size, lr=ctx.lr, teacher=ctx.teacher, seed=ctx.seed,
+                             progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir)
+    timings["supernet_s"] = time.time() - t
+
+    t = time.time()
+    calib, scoring = loader(ctx.train_data, ctx.batch_size), loader(ctx.held_out, ctx.batch_size)
+    search_budget, attempts = ctx.budget, []
+    while True:
+        found = ctx.method.searcher(net, search_budget, calib, scoring, records=trained.records, effort=ctx.effort,
+                                    seed=ctx.seed, calib_batches=ctx.calib_batches, sides=ctx.method.sides,
+                                    progress=ctx.progress)
+        # the slim model inherits BN statistics calibrated for its configuration
+        recalibrate_bn(net, found.cfg, found.side, calib, batches=ctx.calib_batches)
+        net.full()
+        small = slim(ctx.model, space, found.cfg, found.side)
+        if ctx.latency is None:
+            break
+        search_budget = _delivery_check(small, space, found, ctx.latency, ctx.limits["latency"], search_budget,
+                                        attempts)
+        if search_budget is None:
+            break
+    timings["search_s"] = time.time() - t
+    return Fitted(small, found, attempts, timings)
 
 
 def _latency_constraint(budget):

@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 
-from .errors import CompressorError
+from .errors import CompressorError, ConfigError
+from .methods import METHODS
 
 
 def _model_and_input(spec, weights, image_size):
@@ -41,6 +42,21 @@ def _split_folder(path):
     return train, val
 
 
+def _method_options(pairs):
+    """["n_random=3", "complementary=false"] -> {"n_random": 3, "complementary": False} (values
+    read as JSON, else kept as text)."""
+    options = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--method-option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
 def cmd_compress(args):
     from .api import compress
     from .data import image_folder
@@ -50,6 +66,7 @@ def cmd_compress(args):
     val = image_folder(val_dir, args.image_size) if val_dir else None
     learning_rates = {k: getattr(args, k) for k in ("lr", "finetune_lr") if getattr(args, k) is not None}
     result = compress(model, args.budget, train, val, example_input=x, method=args.method,
+                      method_options=_method_options(args.method_option),
                       supernet_epochs=args.supernet_epochs, finetune_epochs=args.finetune_epochs,
                       batch_size=args.batch_size, conv_impl=args.conv_impl, channel_order=args.channel_order,
                       effort=args.effort, distill=args.distill, device=args.device, out_dir=args.out, seed=args.seed,
@@ -115,7 +132,9 @@ def build_parser():
     p.add_argument("--data", required=True, help="an ImageFolder directory, or one with train/ and val/ (or test/)")
     p.add_argument("--budget", required=True, help="e.g. 'flops<=50%%' or 'flops<=50%%,params<=2.5M'")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--method", choices=("bcnet", "ua"), default="bcnet")
+    p.add_argument("--method", choices=METHODS.names(), default="bcnet")
+    p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
+                   help="an option of the method, e.g. complementary=false (bcnet) or n_random=3 (ua); repeatable")
     p.add_argument("--supernet-epochs", type=float, default=1.0)
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=64)

@@ -3,6 +3,10 @@ name: write a temporary file in the same folder, fsync it, then rename it over t
 import contextlib
 import os
 import secrets
+import shutil
+import tempfile
+
+from .errors import ConfigError
 
 
 def check_output_folder(folder):
@@ -13,6 +17,21 @@ def check_output_folder(folder):
         raise NotADirectoryError(f"output folder {folder!r} is not a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"output folder {folder!r} is not writable")
+
+
+def check_writable(folder, needed_bytes):
+    """Create `folder` if needed; raise ConfigError unless a file can be written there and it has
+    `needed_bytes` free."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write checkpoints to {folder!r}: {e}. Pass a writable folder.") from e
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise ConfigError(f"{folder!r} has {free / 1e6:.0f} MB free but a checkpoint needs about "
+                          f"{needed_bytes / 1e6:.0f} MB: free some space or choose another folder")
 
 
 @contextlib.contextmanager

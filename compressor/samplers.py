@@ -3,15 +3,14 @@
 BCNet (METHOD section 3): one random configuration per step, trained on both sides; steps come in
 pairs, the second training the complement c' = N - c of the first, so that over a pair every channel
 is updated exactly twice. UA (AutoSlim's sandwich rule): left side only, the largest, the smallest
-and two random configurations each step.
+and `n_random` (two) random configurations each step. The methods that use them are
+registered in compressor/methods/.
 
 Samplers draw from a torch.Generator so that their whole state is one tensor a checkpoint can hold.
 """
 from __future__ import annotations
 
 import torch
-
-from .errors import ConfigError
 
 
 class BCNetSampler:
@@ -67,10 +66,3 @@ class SandwichSampler(BCNetSampler):
         cfgs = [self.space.max(), self.space.min()] + [self.random_cfg() for _ in range(self.n_random)]
         return [(cfg, "left", 1.0) for cfg in cfgs]
 
-
-def make_sampler(method, space, seed=0):
-    if method == "bcnet":
-        return BCNetSampler(space, seed)
-    if method == "ua":
-        return SandwichSampler(space, seed)
-    raise ConfigError(f"unknown method {method!r}: use 'bcnet' or 'ua'")

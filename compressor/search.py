@@ -13,11 +13,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .budget import parse_budget
+from .distributed import rank_and_world
 from .errors import ConfigError, InfeasibleBudgetError
 from .latency import attached
 from .space import WidthSpace
 from .supernet import Supernet
-from .train import rank_and_world
 
 log = logging.getLogger("compressor.search")
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .errors import ConfigError, UnsupportedModelError
 from .files import atomic_torch_save
 from .groups import layer_kind

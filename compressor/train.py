@@ -4,13 +4,12 @@ under torchrun (every rank trains the same configuration on its own shard of the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -22,9 +21,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .distributed import rank_and_world
 from .errors import CompressorError, ConfigError
-from .samplers import make_sampler
-from .files import atomic_torch_save
+from .files import atomic_torch_save, check_writable
+from .losses import kd
+from .methods import get_method
 from .supernet import Supernet
 
 log = logging.getLogger("compressor.train")
@@ -65,13 +66,6 @@ class TrainResult:
     checkpoint: str | None = None
 
 
-def rank_and_world():
-    """(rank, world size): (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _as_dataset(train_data, batch_size):
     """(dataset, batch size, workers, collate) from a Dataset or a DataLoader."""
     if isinstance(train_data, DataLoader):
@@ -94,17 +88,7 @@ def _epoch_batches(dataset, batch_size, workers, collate, seed, epoch, rank, wor
                            **({"collate_fn": collate} if collate else {})))
 
 
-def _check_writable(folder, needed_bytes):
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ConfigError(f"cannot write checkpoints to {folder!r}: {e}. Pass a writable folder.") from e
-    free = shutil.disk_usage(folder).free
-    if free < needed_bytes:
-        raise ConfigError(f"{folder!r} has {free / 1e6:.0f} MB free but a checkpoint needs about "
-                          f"{needed_bytes / 1e6:.0f} MB: free some space or choose another folder")
+_check_writable = check_writable  # the old name, for callers that used it
 
 
 def _check_batch(x, y, net):
@@ -132,25 +116,28 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _kd(student_logits, teacher_logits):
-    return F.kl_div(F.log_softmax(student_logits, -1), F.softmax(teacher_logits, -1), reduction="batchmean")
-
-
-def train_supernet(net: Supernet, train_data, *, method="bcnet", steps=None, epochs=None, batch_size=None,
-                   lr=0.01, momentum=0.9, weight_decay=4e-5, label_smoothing=0.1, teacher: nn.Module = None,
-                   distill_weight=0.5, checkpoint_dir=None, checkpoint_every=200, seed=0, records_k=100,
+def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=None, steps=None, epochs=None,
+                   batch_size=None, lr=0.01, momentum=0.9, weight_decay=4e-5, label_smoothing=0.1,
+                   teacher: nn.Module = None, distill_weight=0.5, checkpoint_dir=None, checkpoint_every=200, seed=0, records_k=100,
                    device=None, progress=True) -> TrainResult:
     """Train `net` (a cz.supernet) on `train_data` (a Dataset or DataLoader of (image, label)).
 
-    method "bcnet": left and right subnets of one configuration per step, 0.5 each, in
-    complementary pairs; "ua": the sandwich baseline with in-place distillation from the largest.
+    `method`: a registered method's name (compressor.methods): "bcnet", left and right subnets of
+    one configuration per step, 0.5 each, in complementary pairs; "ua", the sandwich baseline with
+    in-place distillation from the largest. `method_options`: a dict of that method's options
+    (e.g. {"complementary": False} for bcnet, {"n_random": 2} for ua).
     `teacher`: a frozen model (usually the original) distilled into every subnet with weight
     `distill_weight`. Give `steps` or `epochs`. With `checkpoint_dir`, a checkpoint is written
     atomically every `checkpoint_every` steps and at the end, and an existing one is resumed.
     """
     if not isinstance(net, Supernet):
         raise ConfigError(f"net must be a cz.supernet(...), got {type(net).__name__}")
-    sampler = make_sampler(method, net.space, seed)
+    spec = get_method(method)
+    if spec.fit is not None:
+        raise ConfigError(f"method {spec.name!r} does not train a supernet: use compress(method={spec.name!r})")
+    options = spec.parse_options(method_options)
+    method = spec.name
+    sampler = spec.sampler(net.space, seed, options)
     dataset, batch_size, workers, collate = _as_dataset(train_data, batch_size)
     rank, world = rank_and_world()
     per_epoch = len(dataset) // world // batch_size
@@ -172,10 +159,12 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", steps=None, epo
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     records = Records(records_k)
     run_id = {"method": method, "steps": total, "seed": seed, "batch_size": batch_size, "world": world}
+    if options != spec.options():  # default options keep the run id (and older checkpoints) as they were
+        run_id["options"] = dataclasses.asdict(options)
     start, path = 0, None
     if checkpoint_dir:
         path = os.path.join(checkpoint_dir, CHECKPOINT)
-        _check_writable(checkpoint_dir, 3 * sum(t.numel() * t.element_size() for t in net.state_dict().values()))
+        check_writable(checkpoint_dir, 3 * sum(t.numel() * t.element_size() for t in net.state_dict().values()))
         if os.path.exists(path):
             state = torch.load(path, map_location=device, weights_only=True)
             if state["run"] != run_id:
@@ -220,32 +209,27 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", steps=None, epo
         with torch.no_grad():
             target = teacher(x) if teacher is not None else None
         optimizer.zero_grad(set_to_none=True)
-        losses, largest = [], None
+        losses, state = [], {}
         for i, (cfg, side, weight) in enumerate(subnets):
             net.set(cfg, side)
             sync = i == len(subnets) - 1 or world == 1  # all-reduce gradients once, on the last backward
             with model.no_sync() if not sync else contextlib.nullcontext():
                 out = model(x)
                 ce = F.cross_entropy(out, y, label_smoothing=label_smoothing)
-                if method == "ua" and i > 0:  # in-place distillation from the largest network
-                    loss = _kd(out, largest)
-                elif target is not None:
-                    loss = (1 - distill_weight) * ce + distill_weight * _kd(out, target)
-                else:
-                    loss = ce
+                base = (lambda: ce) if target is None else (
+                    lambda: (1 - distill_weight) * ce + distill_weight * kd(out, target))
+                loss = spec.loss(i, out, base, state)
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
                         f"the loss became {loss.item()} at step {step} ({side} subnet {list(cfg)}); weights were "
                         f"not updated and the last good checkpoint is {path or 'none (no checkpoint_dir)'}. "
                         f"Lower the learning rate (now {scheduler.get_last_lr()[0]:.3g}) or check the data.")
                 (weight * loss).backward()
-            if method == "ua" and i == 0:
-                largest = out.detach()
             losses.append((ce.item(), cfg, side))
         optimizer.step()
         scheduler.step()
         for ce, cfg, side in losses:
-            if method == "bcnet" or cfg != net.space.max():
+            if spec.record(cfg, net.space):
                 records.add(ce, cfg, side)
         running = sum(l for l, _, _ in losses) / len(losses)
         bar.update(1)

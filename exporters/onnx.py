@@ -20,6 +20,7 @@ import onnx
 import onnxruntime
 import torch
 
+from compressor._version import __version__
 from compressor.errors import CompressorError
 from compressor.files import atomic_output, check_output_folder
 
@@ -148,8 +149,6 @@ def _check_single_file_size(model):
 
 
 def _metadata_props(metadata):
-    from compressor import __version__  # at call time: compressor/__init__ may import this module
-
     props = {VERSION_KEY: __version__}
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):

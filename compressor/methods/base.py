@@ -1,0 +1,107 @@
+"""What a width-search method is: a small descriptor that the trainer, the search and compress()
+read instead of comparing method names.
+
+A supernet method gives a sampler (which subnets a step trains, with their loss weights), a
+per-subnet loss, which records feed the prior, the sides the search scores and the searcher.
+A method that is not a supernet (DAGGER) sets `fit` instead and replaces compress()'s whole fit
+step (supernet, training, search, slimming)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import ConfigError
+from ..registry import Registry
+from ..search import search
+
+METHODS = Registry("method")
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """For a method without options."""
+
+
+def default_loss(i, out, base, state):
+    """The subnet's own loss: `base()` is its cross-entropy, distilled from the teacher when there
+    is one (a callable, so a method that does not use it does not compute it)."""
+    return base()
+
+
+def record_all(cfg, space):
+    return True
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    sampler: Callable[..., Any]          # sampler(space, seed, options) -> .next(), .state_dict(), ...
+    options: type = NoOptions            # a frozen dataclass of the method's knobs, with defaults
+    # loss(i, out, base, state): the loss of the i-th subnet of a step from its logits `out`; `base()`
+    # is the default loss; `state` is a dict that lives for one step (e.g. the largest subnet's output)
+    loss: Callable[..., Any] = default_loss
+    record: Callable[..., bool] = record_all   # record(cfg, space): does this subnet feed the prior?
+    sides: tuple = ("left", "right")    # the sides the search scores and may deliver
+    searcher: Callable[..., Any] = search
+    # fit(FitContext) -> Fitted: replaces supernet training and search (None: a supernet method)
+    fit: Callable[..., Any] | None = None
+    summary: str = ""
+
+    def parse_options(self, options=None):
+        """The method's options dataclass from a dict (or an instance of it); an unknown name is
+        refused with the valid ones."""
+        if isinstance(options, self.options):
+            return options
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(self.options)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                              f"for method {self.name!r}: valid options are "
+                              f"{', '.join(map(repr, valid)) or 'none'}")
+        return self.options(**options)
+
+
+def register(method: Method) -> Method:
+    return METHODS.register(method.name, method)
+
+
+def get_method(name) -> Method:
+    """The registered method of that name (a Method is returned as it is)."""
+    return name if isinstance(name, Method) else METHODS.get(name)
+
+
+@dataclass
+class FitContext:
+    """What compress() hands a method's fit step: the (channel-ordered) model and its space, the
+    training split and the held-out split for scoring, the budget and the settings of the run."""
+    model: Any
+    space: Any
+    train_data: Any
+    held_out: Any
+    budget: Any
+    method: Method
+    options: Any
+    teacher: Any = None         # the frozen original when distilling, else None
+    latency: Any = None         # the budget's latency constraint, or None
+    limits: dict = dataclasses.field(default_factory=dict)
+    epochs: float = 1.0
+    batch_size: int = 64
+    lr: float = 0.01
+    effort: float = 0.25
+    calib_batches: int = 20
+    conv_impl: str = "auto"
+    checkpoint_dir: str | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Fitted:
+    """A fit step's result: the slim model (BN statistics calibrated), the search result that chose
+    it, the latency delivery attempts and the stage timings."""
+    model: Any
+    found: Any
+    attempts: list = dataclasses.field(default_factory=list)
+    timings: dict = dataclasses.field(default_factory=dict)
