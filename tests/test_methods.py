@@ -1,0 +1,156 @@
+"""Every registered method (compressor.methods) passes one contract: it trains a few steps on a
+tiny network, a run killed mid-training resumes to the identical result, the configuration it
+delivers is inside the budget, and the supernet computes exactly what the slim model computes for
+that configuration. Plus the registry and the method options."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import compressor as cz
+from compressor.methods import METHODS, Method, get_method
+from compressor.registry import Registry
+from compressor.train import CHECKPOINT
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+CONTRACT_SCRIPT = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {tests!r})
+import compressor as cz
+from compressor.finetune import loader
+from compressor.methods import get_method
+from conftest import TinyNet, quadrant_data
+
+method, ckpt, out, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+class Noisy(torch.utils.data.Dataset):  # augmentation from the global RNG; can SIGKILL its process
+    def __init__(self, data):
+        self.data, self.calls = data, 0
+    def __len__(self):
+        return len(self.data)
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.calls == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        x, y = self.data[i]
+        return x + 0.1 * torch.randn_like(x), y
+
+torch.manual_seed(0)
+model = TinyNet()
+space = cz.analyze(model, torch.randn(1, 3, 16, 16), bins=8, divisor=1)
+net = cz.supernet(model, space)
+spec = get_method(method)
+trained = cz.train_supernet(net, Noisy(quadrant_data(256)), method=method, steps=12, batch_size=16,
+                            checkpoint_dir=ckpt, checkpoint_every=4, lr=0.05, progress=False)
+calib, held_out = loader(quadrant_data(64, seed=1), 16), loader(quadrant_data(64, seed=2), 16)
+found = spec.searcher(net, "flops<=60%", calib, held_out, records=trained.records, effort=0.05,
+                      calib_batches=2, sides=spec.sides, progress=False)
+cz.recalibrate_bn(net, found.cfg, found.side, calib, batches=2)
+small = cz.slim(model, space, found.cfg, found.side).eval()
+x = torch.randn(8, 3, 16, 16)
+with torch.no_grad():
+    y_net, y_small = net(x), small(x)  # recalibrate_bn left the chosen configuration active, in eval mode
+net.full()
+torch.save({{"state": model.state_dict(), "records": trained.records, "cfg": list(found.cfg), "side": found.side,
+            "flops": space.flops(found.cfg), "measured": cz.measure_flops(small, x[:1]),
+            "limit": found.limits["flops"], "sides": list(spec.sides),
+            "parity": float((y_net - y_small).abs().max() / y_small.abs().max())}}, out)
+"""
+
+
+def run_contract(tmp_path, method, tag, kill_at=0):
+    script = tmp_path / "contract.py"
+    script.write_text(CONTRACT_SCRIPT.format(tests=TESTS))
+    out = tmp_path / f"{tag}.pt"
+    proc = subprocess.run([sys.executable, str(script), method, str(tmp_path / f"ckpt-{tag}"), str(out), str(kill_at)],
+                          timeout=600)
+    return proc.returncode, out
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_contract(name, tmp_path):
+    if get_method(name).fit is not None:
+        pytest.skip(f"{name} replaces the supernet fit step: its contract runs through compress()")
+    code, ref_out = run_contract(tmp_path, name, "ref")
+    assert code == 0
+    ref = torch.load(ref_out, weights_only=True)
+
+    # killed during step 10 of 12 (16 samples a step), after the checkpoint of step 8; then resumed
+    code, out = run_contract(tmp_path, name, "run", kill_at=9 * 16 + 5)
+    assert code == -9 and not out.exists(), "the run was not killed mid-training: the test proves nothing"
+    assert torch.load(tmp_path / "ckpt-run" / CHECKPOINT, weights_only=True)["step"] == 8
+    code, out = run_contract(tmp_path, name, "run")
+    assert code == 0
+    got = torch.load(out, weights_only=True)
+    assert got["records"] == ref["records"] and len(ref["records"]) > 0
+    assert (got["cfg"], got["side"]) == (ref["cfg"], ref["side"])
+    for k, v in ref["state"].items():
+        assert torch.equal(got["state"][k], v), k
+
+    assert ref["flops"] == ref["measured"] <= ref["limit"]  # inside its budget, by the exact count
+    assert ref["side"] in ref["sides"]
+    assert ref["parity"] <= 1e-4  # the supernet's chosen subnet is the slim model
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_descriptor_and_options(name):
+    spec = get_method(name)
+    assert isinstance(spec, Method) and spec.name == name and get_method(spec) is spec
+    assert spec.sides and set(spec.sides) <= {"left", "right"}
+    assert spec.parse_options(None) == spec.options()  # every option has a default
+    assert spec.parse_options(spec.options()) == spec.options()
+    with pytest.raises(cz.ConfigError, match=f"unknown option 'no_such_knob' for method '{name}': valid options"):
+        spec.parse_options({"no_such_knob": 1})
+
+
+def test_options_reach_the_sampler():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    space = cz.analyze(model, torch.randn(1, 3, 8, 8), bins=4, divisor=1)
+    ua = get_method("ua")
+    assert len(ua.sampler(space, 0, ua.parse_options({"n_random": 5})).next()) == 7  # largest + smallest + 5
+    bcnet = get_method("bcnet")
+    sampler = bcnet.sampler(space, 0, bcnet.parse_options({"complementary": False}))
+    sampler.next()
+    assert sampler.pending is None  # no complement owed: every step draws afresh
+    with pytest.raises(cz.ConfigError, match="n_random"):
+        ua.parse_options({"n_random": -1})
+    with pytest.raises(cz.ConfigError, match="complementary"):
+        bcnet.parse_options({"complementary": "yes"})
+
+
+def test_unknown_method_lists_the_registered_ones():
+    with pytest.raises(cz.ConfigError, match="unknown method 'fancy': use 'bcnet'.* 'ua'"):
+        get_method("fancy")
+
+
+def test_compress_and_cli_take_methods_and_options_from_the_registry():
+    from compressor.cli import build_parser
+    from conftest import TinyNet, quadrant_data
+
+    compress = next(a for a in build_parser()._subparsers._group_actions[0].choices["compress"]._actions
+                    if a.dest == "method")
+    assert tuple(compress.choices) == METHODS.names()
+    with pytest.raises(cz.ConfigError, match="unknown option 'n_randmo' for method 'ua': valid options are 'n_random'"):
+        cz.compress(TinyNet(), "flops<=50%", quadrant_data(64), method="ua", method_options={"n_randmo": 3},
+                    progress=False)
+
+
+def test_registry_refuses_duplicates():
+    registry = Registry("thing")
+
+    @registry.register("a")
+    def a():
+        pass
+
+    assert registry.get("a") is a and "a" in registry and registry.names() == ("a",)
+    with pytest.raises(ValueError, match="thing 'a' is already registered"):
+        registry.register("a", object())
+    with pytest.raises(cz.ConfigError, match="unknown thing 'b': use 'a'"):
+        registry.get("b")
+    with pytest.raises(ValueError, match="already registered"):
+        METHODS.register("bcnet", get_method("bcnet"))
