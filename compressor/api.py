@@ -23,7 +23,7 @@ from .data import train_val_split
 from .errors import ConfigError, InfeasibleBudgetError
 from .files import atomic_output, check_writable, write_text_atomic
 from .finetune import accuracy, finetune, loader
-from .latency import attached, build_latency_model, runtime
+from .latency import build_latency_model, runtime
 from .methods import FitContext, Fitted, get_method
 from .search import constraints, human, recalibrate_bn
 from .slim import order_channels, save_slim, slim
@@ -206,7 +206,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
         before["latency_ms"] = cpu_latency_ms(original, x)
         measured["latency_ms"] = cpu_latency_ms(small, x)
     if latency is not None:
-        before["latency"] = attached(space, latency.target).original_us
+        before["latency"] = space.latency_model(latency.target).original_us
         before["latency_predicted"] = space.latency(space.max(), latency.target)
         measured["latency"] = attempts[-1]["measured_us"]
         measured["latency_predicted"] = attempts[-1]["predicted_us"]
@@ -273,7 +273,7 @@ def _delivery_check(small, space, found, latency, limit, search_budget, attempts
     meets `limit`, else the budget to search again with: the latency limit divided by
     measured/limit. Raises LatencyBudgetMissed after LATENCY_RETRIES re-searches, or when the
     tightened limit is below anything the space reaches."""
-    model = attached(space, latency.target)
+    model = space.latency_model(latency.target)
     delivered = runtime(model.target).measure(small, model.target.example(), what="the slim model")
     searched = next(c for c in search_budget if c.metric == "latency").limit(model.original_us)
     attempts.append({"cfg": list(found.cfg), "limit_us": searched, "predicted_us": space.latency(found.cfg, latency.target),

@@ -15,7 +15,6 @@ from tqdm import tqdm
 from .budget import parse_budget
 from .distributed import rank_and_world
 from .errors import ConfigError, InfeasibleBudgetError
-from .latency import attached
 from .space import WidthSpace
 from .supernet import Supernet
 
@@ -151,14 +150,9 @@ def constraints(space: WidthSpace, budget) -> list[Bound]:
     smallest = np.array([space.min()])
     bounds = []
     for c in budget:
-        if c.metric == "latency":  # predicted by the attached latency model; relative to the measured original
-            original = attached(space, c.target).original_us
-            cost = lambda cfgs, target=c.target: space.latency(cfgs, target)  # noqa: E731
-            where = f" on {c.target}"
-        else:
-            cost = getattr(space, c.metric)
-            original = float(getattr(space.cost, c.metric)(space.sizes))
-            where = ""
+        # latency: predicted by the space's latency model, relative to the measured original
+        cost, original = space.cost_function(c.metric, c.target)
+        where = f" on {c.target}" if c.metric == "latency" else ""
         bound = Bound(str(c), c.metric, float(c.limit(original)), lambda cfgs, cost=cost: cost(np.atleast_2d(cfgs)))
         least = float(bound.cost(smallest)[0])
         if least > bound.limit:
@@ -204,7 +198,7 @@ def expected_cost(space: WidthSpace, probs: torch.Tensor, metric: str = "flops",
     E[out*in] = E[out] E[in] + sum_g Mo[l,g] Mi[l,g] Var(k_g); latency is the latency model's own
     exact expectation over its per-layer table. Differentiable in `probs`."""
     if metric == "latency":
-        return attached(space, target).expected(probs)
+        return space.latency_model(target).expected(probs)
     c = space.cost
     prefix = "flop" if metric == "flops" else "param"
     t = lambda a: torch.as_tensor(a, dtype=probs.dtype, device=probs.device)  # noqa: E731

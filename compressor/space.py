@@ -70,6 +70,9 @@ class WidthSpace:
             [[0] + [kept_channels(c, g.size, bins, divisor) for c in range(1, bins + 1)] for g in groups],
             dtype=np.int64).reshape(len(groups), bins + 1)
         self._rows = np.arange(len(groups))
+        # runtime name -> latency model (compressor.latency.build_latency_model sets them): the
+        # space's third cost, held here so that the space never imports the latency package
+        self.latency_models = {}
 
     def __len__(self):
         return len(self.groups)
@@ -152,12 +155,34 @@ class WidthSpace:
         value = self.cost.params(self._widths(cfg))
         return value if np.ndim(value) else int(round(float(value)))
 
+    def set_latency_model(self, model):
+        """Make `latency(cfg, runtime)` and latency budgets on that runtime use `model` (a
+        compressor.latency.LatencyModel: .target.runtime, .predict, .expected, .original_us)."""
+        self.latency_models[model.target.runtime] = model
+
+    def latency_model(self, target):
+        """The latency model of `target` (a runtime name such as 'ort-cpu', or a Target)."""
+        name = getattr(target, "runtime", target)
+        found = self.latency_models.get(name)
+        if found is None:
+            raise ConfigError(f"no latency model for target {name!r} on this width space: build one with "
+                              f"compressor.latency.build_latency_model(model, space, {name!r}) "
+                              f"(compress() does this for latency budgets)")
+        return found
+
+    def cost_function(self, metric, target=None):
+        """(cost, original): `cost` maps configurations (B, G) to their costs (B,) in `metric`
+        ('flops', 'params', or 'latency' in microseconds on `target`, predicted by its latency
+        model); `original` is the full model's cost (for latency, measured end to end)."""
+        if metric == "latency":
+            return (lambda cfgs: self.latency(cfgs, target)), self.latency_model(target).original_us
+        return getattr(self, metric), float(getattr(self.cost, metric)(self.sizes))
+
     def latency(self, cfg, target):
         """Predicted latency in microseconds on `target` (a runtime name such as 'ort-cpu') by the
-        latency model attached with compressor.latency.build_latency_model. A 2-D array of
+        latency model set with compressor.latency.build_latency_model. A 2-D array of
         configurations gives an array (vectorised table lookups)."""
-        from .latency import attached
-        model = attached(self, target)
+        model = self.latency_model(target)
         arr = np.asarray(cfg)
         if arr.ndim == 2:
             if arr.shape[1] != len(self.groups):

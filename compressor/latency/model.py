@@ -212,17 +212,11 @@ def _calibration_configs(space, count, seed) -> list:
     return cfgs
 
 
-# -- attaching to a space ------------------------------------------------------------------------
+# -- attaching to a space (the space holds its latency models itself; these are the older names) ----
 def attach_model(space, model: LatencyModel):
     """Make `space.latency(cfg, runtime)` and latency budgets on that runtime use `model`."""
-    space.__dict__.setdefault("latency_models", {})[model.target.runtime] = model
+    space.set_latency_model(model)
 
 
 def attached(space, target) -> LatencyModel:
-    name = target.runtime if isinstance(target, Target) else target
-    found = space.__dict__.get("latency_models", {}).get(name)
-    if found is None:
-        raise ConfigError(f"no latency model for target {name!r} on this width space: build one with "
-                          f"compressor.latency.build_latency_model(model, space, {name!r}) "
-                          f"(compress() does this for latency budgets)")
-    return found
+    return space.latency_model(target)
