@@ -27,6 +27,12 @@ def assert_unchanged(model, before):
         assert torch.equal(after["state"][k], v), f"{k} changed"
 
 
+def pytest_runtest_setup(item):
+    """Every `@pytest.mark.gpu` test is device-only: skipped, with the reason, where CUDA is absent."""
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.skip("no CUDA device: a gpu test (pytest -m gpu runs them all on a machine with one)")
+
+
 @pytest.fixture
 def shared_data():
     if not os.path.isdir(SHARED_DATA):

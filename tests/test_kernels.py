@@ -13,7 +13,7 @@ from compressor.kernels.masked_conv import _MaskedConvCuda
 # result (fp16 eps 9.8e-4, bf16 eps 7.8e-3) plus accumulation-order differences.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA kernel tests need a GPU")
+cuda = pytest.mark.gpu  # the CUDA kernel tests need a GPU (conftest.py skips them without one)
 
 
 def rel_err(actual, expected):
