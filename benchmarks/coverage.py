@@ -13,18 +13,14 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import sys
 import time
 
 from common import RESULTS, machine_info, write_result
 
-# Models whose forward needs a particular input size.
-INPUT_SIZE = {"inception_v3": 96, "googlenet": 64, "maxvit_t": 224}
-
-
-def input_size(name, default):
-    if name.startswith("vit_"):
-        return 224
-    return INPUT_SIZE.get(name, default)
+# the input sizes of tests/models.py, the one list the slim and export tests use too
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from models import DEFAULT_SIZE, input_size  # noqa: E402
 
 
 def check_model(name, size, queue):
@@ -66,7 +62,7 @@ def summarise(rows, names):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated names (default: every classification model)")
-    parser.add_argument("--size", type=int, default=64, help="input size (some models need more)")
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="input size (some models need more)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per model")
     parser.add_argument("--out", default="coverage.json")
     args = parser.parse_args()

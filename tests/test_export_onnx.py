@@ -14,17 +14,14 @@ from onnx import TensorProto, helper
 
 import compressor
 from conftest import assert_unchanged, snapshot, with_real_statistics
+from models import CI_SUBSET, input_size
 from compressor.errors import ConfigError
 from compressor.exporters import export_file
 from compressor.exporters import onnx as onnx_export
 from compressor.exporters.onnx import ExportError, export_onnx, load_onnx_metadata
 from compressor.files import atomic_output, read_bytes_or_none, write_bytes_atomic
 
-MODELS = [
-    "resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
-    "regnet_x_400mf", "shufflenet_v2_x0_5", "squeezenet1_0", "vgg11_bn", "resnext50_32x4d",
-]
-SIZE = 64  # every model above accepts 64x64 (vgg's adaptive pool upsamples 2x2 -> 7x7)
+MODELS = CI_SUBSET  # (vgg's adaptive pool upsamples 2x2 -> 7x7 at 64x64)
 METADATA = {"widths": json.dumps([16, 32, 64]), "side": "left"}
 
 
@@ -34,11 +31,12 @@ def exported(request, tmp_path_factory):
     order 1 (random-init mobilenets give ~1e-9 otherwise); the model is then left in train mode
     on purpose: an export that ran it in training mode would change those statistics."""
     torch.manual_seed(0)
+    size = input_size(request.param)
     model = with_real_statistics(getattr(torchvision.models, request.param)(weights=None),
-                                 size=SIZE).train()
+                                 size=size).train()
     snap = snapshot(model)
     folder = tmp_path_factory.mktemp(request.param)
-    report = export_onnx(model, torch.randn(4, 3, SIZE, SIZE), folder / "model.onnx",
+    report = export_onnx(model, torch.randn(4, 3, size, size), folder / "model.onnx",
                          metadata=METADATA)
     return model, snap, report
 
@@ -47,8 +45,9 @@ def test_one_file_runs_at_batch_1_and_4(exported):
     model, _, report = exported
     reference = copy.deepcopy(model).eval()
     session = onnxruntime.InferenceSession(report.path, providers=["CPUExecutionProvider"])
+    size = session.get_inputs()[0].shape[2:]  # the exported model's own input size (models.input_size)
     for batch in (1, 4):
-        x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
+        x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             expected = reference(x).numpy()
         (got,) = session.run(None, {"input": x.numpy()})

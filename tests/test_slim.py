@@ -7,12 +7,9 @@ import torchvision
 
 import compressor as cz
 from conftest import assert_unchanged, snapshot, with_real_statistics
+from models import CI_SUBSET, DEFAULT_SIZE, input_size
 
-# The representative subset CI runs at small input size: each passes parity with exact cost, or
-# raises UnsupportedModelError.
-CI_SUBSET = ["resnet18", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
-             "densenet121", "regnet_x_400mf", "shufflenet_v2_x0_5", "squeezenet1_0", "vgg11_bn"]
-X = torch.randn(1, 3, 64, 64)
+X = torch.randn(1, 3, DEFAULT_SIZE, DEFAULT_SIZE)
 
 
 def tol(y):
@@ -21,15 +18,18 @@ def tol(y):
 
 @pytest.mark.parametrize("name", CI_SUBSET)
 def test_parity_and_exact_cost(name):
+    """Each of the CI subset passes parity with exact cost, or raises UnsupportedModelError."""
     torch.manual_seed(0)
-    model = with_real_statistics(torchvision.models.get_model(name, weights=None))
+    size = input_size(name)
+    model = with_real_statistics(torchvision.models.get_model(name, weights=None), size=size)
     before = snapshot(model)
+    example = torch.randn(1, 3, size, size)
     try:
-        space = cz.analyze(model, X)
+        space = cz.analyze(model, example)
     except cz.UnsupportedModelError as e:
         assert e.module and e.op and e.module in str(e)
         return
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, size, size)
     for side in ("left", "right"):
         for seed in range(3):
             cfg = space.random(seed=seed)
@@ -38,7 +38,7 @@ def test_parity_and_exact_cost(name):
             with torch.no_grad():
                 y_net, y_small = net(x), small(x)
             assert (y_net - y_small).abs().max() <= tol(y_net), (side, cfg)
-            assert cz.measure_flops(small, X) == space.flops(cfg)
+            assert cz.measure_flops(small, example) == space.flops(cfg)
             assert cz.count_params(small) == space.params(cfg)
     assert_unchanged(model, before)
 
