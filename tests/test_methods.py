@@ -154,3 +154,31 @@ def test_registry_refuses_duplicates():
         registry.get("b")
     with pytest.raises(ValueError, match="already registered"):
         METHODS.register("bcnet", get_method("bcnet"))
+
+
+def test_a_method_can_replace_the_whole_fit_step():
+    """A method that is not a supernet (DAGGER, later) gives `fit`: compress() delivers, fine-tunes
+    and measures whatever it returns, and never builds or trains a supernet."""
+    from compressor.methods import Fitted
+    from compressor.search import SearchResult, uniform_baseline
+    from conftest import TinyNet, quadrant_data
+
+    seen = {}
+
+    def fit(ctx):
+        seen["options"], seen["train"] = ctx.options, len(ctx.train_data)
+        cfg = uniform_baseline(ctx.space, ctx.budget)
+        found = SearchResult(cfg=cfg, side="left", score_left=0.5, score_right=float("nan"), score=0.5,
+                             costs={"flops": ctx.space.flops(cfg)}, limits=ctx.limits, history=[])
+        return Fitted(cz.slim(ctx.model, ctx.space, cfg, "left"), found, timings={"fit_s": 0.0})
+
+    uniform = Method(name="uniform-test", sampler=None, fit=fit, sides=("left",))
+    torch.manual_seed(0)
+    result = cz.compress(TinyNet(), "flops<=50%", quadrant_data(128), method=uniform, finetune_epochs=0.25,
+                         batch_size=32, bins=8, divisor=1, progress=False)
+    assert result.method == "uniform-test" and result.meets_budget() and result.side == "left"
+    assert seen == {"options": uniform.options(), "train": 115}  # the training split: 10 % is held out
+    assert "fit_s" in result.timings and "supernet_s" not in result.timings
+    with pytest.raises(cz.ConfigError, match="does not train a supernet"):
+        cz.train_supernet(cz.supernet(TinyNet(), cz.analyze(TinyNet(), torch.randn(1, 3, 16, 16))),
+                          quadrant_data(64), method=uniform, steps=1, progress=False)
