@@ -118,8 +118,8 @@ def _set_rng_state(state):
 
 def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=None, steps=None, epochs=None,
                    batch_size=None, lr=0.01, momentum=0.9, weight_decay=4e-5, label_smoothing=0.1,
-                   teacher: nn.Module = None, distill_weight=0.5, checkpoint_dir=None, checkpoint_every=200, seed=0, records_k=100,
-                   device=None, progress=True) -> TrainResult:
+                   teacher: nn.Module = None, distill_weight=0.5, checkpoint_dir=None, checkpoint_every=200,
+                   seed=0, records_k=100, device=None, progress=True) -> TrainResult:
     """Train `net` (a cz.supernet) on `train_data` (a Dataset or DataLoader of (image, label)).
 
     `method`: a registered method's name (compressor.methods): "bcnet", left and right subnets of
