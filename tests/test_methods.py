@@ -135,6 +135,13 @@ def test_compress_and_cli_take_methods_and_options_from_the_registry():
     compress = next(a for a in build_parser()._subparsers._group_actions[0].choices["compress"]._actions
                     if a.dest == "method")
     assert tuple(compress.choices) == METHODS.names()
+    args = build_parser().parse_args(["compress", "--model", "m", "--data", "d", "--budget", "flops<=50%", "--out", "o",
+                                      "--method", "ua", "--method-option", "n_random=3"])
+    from compressor.cli import _method_options
+    assert _method_options(args.method_option) == {"n_random": 3}
+    assert _method_options(["complementary=false", "tag=x"]) == {"complementary": False, "tag": "x"}
+    with pytest.raises(cz.ConfigError, match="KEY=VALUE"):
+        _method_options(["n_random"])
     with pytest.raises(cz.ConfigError, match="unknown option 'n_randmo' for method 'ua': valid options are 'n_random'"):
         cz.compress(TinyNet(), "flops<=50%", quadrant_data(64), method="ua", method_options={"n_randmo": 3},
                     progress=False)
