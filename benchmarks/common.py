@@ -8,6 +8,20 @@ import sys
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def _commit() -> str:
+    """The checkout's commit, with '+changes' when the tree differs from it (None outside git)."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def machine_info() -> dict:
     import torch
     cpu = platform.processor()
@@ -27,6 +41,7 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),  # timings on this shared 2-core machine depend on it
         "date": datetime.date.today().isoformat(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "commit": _commit(),
     }
 
 

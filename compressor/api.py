@@ -25,16 +25,19 @@ from .files import atomic_output, check_writable, write_text_atomic
 from .finetune import accuracy, finetune, loader
 from .latency import build_latency_model, runtime
 from .methods import FitContext, Fitted, get_method
-from .search import constraints, human, recalibrate_bn
-from .slim import order_channels, save_slim, slim
+from .search import constraints, human, importance_baseline, recalibrate_bn, score, uniform_baseline
+from .slim import channel_importance, order_channels, save_slim, slim
 from .space import analyze, check_model
 from .supernet import supernet
 from .timing import cpu_latency_ms
 from .train import train_supernet
 
 log = logging.getLogger("compressor")
-# compress(channel_order=...): the layout order_channels gives each group (None: keep the model's order)
-CHANNEL_ORDERS = {"l1": "left", "l1-both-ends": "both-ends", "none": None}
+# compress(channel_order=...): (importance criterion, the layout order_channels gives each group);
+# "none" keeps the model's order
+CHANNEL_ORDERS = {"l1": ("l1", "left"), "l1-both-ends": ("l1", "both-ends"), "none": None,
+                  "taylor": ("taylor", "left"), "taylor-both-ends": ("taylor", "both-ends")}
+INHERIT = ("supernet", "original", "best")  # compress(inherit=...): where the slim model's weights come from
 LATENCY_RETRIES = 2  # searches again with a tightened limit when the delivered model is too slow
 
 
@@ -121,9 +124,10 @@ def plot_pareto(history, chosen, limit, path, metric="flops"):
 
 def compress(model: nn.Module, budget, train_data, val_data=None, *, example_input=None, method="bcnet",
              method_options=None, supernet_epochs=1.0, finetune_epochs=1.0, batch_size=64, lr=0.01,
-             finetune_lr=0.01, distill=False, effort=0.25, search_fraction=0.1, calib_batches=20, bins=20,
-             divisor=8, exclude=(), device=None, out_dir=None, seed=0, export=(), progress=True,
-             latency_options=None, conv_impl="auto", channel_order="none") -> CompressionResult:
+             finetune_lr=0.01, distill=True, effort=0.25, search_fraction=0.1, calib_batches=20, bins=20,
+             divisor="auto", exclude=(), device=None, out_dir=None, seed=0, export=(), progress=True,
+             latency_options=None, conv_impl="auto", channel_order="taylor", score_metric="top1",
+             seed_population=True, inherit="best", sides=None) -> CompressionResult:
     """Compress a pretrained `model` to meet `budget` (e.g. "flops<=50%" or "flops<=50%,params<=2M").
 
     `train_data` is a Dataset of (image, label); a `search_fraction` of it is held out to score
@@ -142,14 +146,23 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     convolution (cz.kernels.masked_conv2d's impl: "auto" runs the CUDA kernel on a GPU when it
     builds, "sliced" otherwise). `channel_order="l1"` first permutes each group's channels by L1
     weight magnitude (cz.order_channels: the same function, but every left path starts as the
-    magnitude-pruned network), "l1-both-ends" alternates the ranks from both ends; "none" (the
-    default) keeps the model's order. The user's model is never modified.
+    magnitude-pruned network), "l1-both-ends" alternates the ranks from both ends; "taylor" and
+    "taylor-both-ends" rank by first-order Taylor importance |w dL/dw| instead, from 8 batches of the
+    training data; "none" keeps the model's order. `score_metric` is what ranks candidates on the
+    held-out split ("top1" or "loss"). `seed_population=True` puts the uniform-width and the
+    global-importance configurations into the search's initial population. `inherit` is where the
+    slim model's weights come from: "supernet" (the trained supernet), "original" (the model before
+    supernet training, in the same channel order) or "best" (whichever scores better on the held-out
+    split for the chosen configuration). `sides`: the paths the search scores (None: the method's).
+    The user's model is never modified.
     """
     t_start = time.time()
     check_model(model, example_input if example_input is not None else torch.zeros(1))
     budget = parse_budget(budget)
     spec = get_method(method)
     options = spec.parse_options(method_options)
+    if inherit not in INHERIT:
+        raise ConfigError(f"unknown inherit {inherit!r}: use {', '.join(map(repr, INHERIT))}")
     if channel_order not in CHANNEL_ORDERS:
         raise ConfigError(f"unknown channel_order {channel_order!r}: use {', '.join(map(repr, CHANNEL_ORDERS))}")
     export = [export] if isinstance(export, str) else list(export)
@@ -182,20 +195,27 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     log.info("%d channel groups (%d frozen); budget %s", len(space), len(space.frozen),
              ", ".join(f"{b.text}: {human(b.metric, b.limit)}" for b in bounds))
 
-    if channel_order != "none":
-        work = order_channels(work, space, layout=CHANNEL_ORDERS[channel_order])
     fit_data, held_out = train_val_split(train_data, search_fraction, seed)
+    importance = None
+    if channel_order != "none" or seed_population:
+        criterion, layout = CHANNEL_ORDERS[channel_order] or ("l1", None)
+        importance = channel_importance(work, space, criterion, loader(fit_data, batch_size, shuffle=True, seed=seed))
+    if channel_order != "none":
+        work = order_channels(work, space, layout=layout, importance=importance)
     fit = spec.fit or _fit_supernet  # a method that is not a supernet replaces the whole step
     fitted = fit(FitContext(
         model=work, space=space, train_data=fit_data, held_out=held_out, budget=budget, method=spec,
         options=options, teacher=original if distill else None, latency=latency, limits=limits,
         epochs=supernet_epochs, batch_size=batch_size, lr=lr, effort=effort, calib_batches=calib_batches,
         conv_impl=conv_impl, checkpoint_dir=os.path.join(out_dir, "checkpoints") if out_dir else None, seed=seed,
-        progress=progress))
+        progress=progress, score_metric=score_metric, inherit=inherit, sides=sides,
+        seeds=[uniform_baseline(space, budget), importance_baseline(space, importance, budget)]
+        if seed_population else []))
     small, found, attempts = fitted.model, fitted.found, fitted.attempts
     timings.update(fitted.timings)
     t = time.time()
-    finetune(small, fit_data, epochs=finetune_epochs, batch_size=batch_size, lr=finetune_lr,
+    # the held-out split has done its job (ranking candidates): fine-tune on all the training data
+    finetune(small, train_data, epochs=finetune_epochs, batch_size=batch_size, lr=finetune_lr,
              teacher=original if distill else None, seed=seed, progress=progress)
     timings["finetune_s"] = time.time() - t
 
@@ -232,6 +252,7 @@ def _fit_supernet(ctx: FitContext) -> Fitted:
     """The fit step of a supernet method: train the supernet, search it (again, with a tightened
     limit, while the delivered model misses a latency budget) and slim the chosen configuration."""
     timings, space = {}, ctx.space
+    untrained = copy.deepcopy(ctx.model) if ctx.inherit != "supernet" else None  # training changes ctx.model
     net = supernet(ctx.model, space, impl=ctx.conv_impl)
     t = time.time()
     trained = train_supernet(net, ctx.train_data, method=ctx.method, method_options=ctx.options, epochs=ctx.epochs,
@@ -244,12 +265,15 @@ def _fit_supernet(ctx: FitContext) -> Fitted:
     search_budget, attempts = ctx.budget, []
     while True:
         found = ctx.method.searcher(net, search_budget, calib, scoring, records=trained.records, effort=ctx.effort,
-                                    seed=ctx.seed, calib_batches=ctx.calib_batches, sides=ctx.method.sides,
-                                    progress=ctx.progress)
+                                    seed=ctx.seed, calib_batches=ctx.calib_batches,
+                                    sides=ctx.sides or ctx.method.sides, progress=ctx.progress,
+                                    metric=ctx.score_metric, seeds=ctx.seeds)
+        source, found.inherited = _inheritance(net, untrained, found, ctx.inherit, calib, scoring,
+                                               ctx.calib_batches, ctx.score_metric)
         # the slim model inherits BN statistics calibrated for its configuration
-        recalibrate_bn(net, found.cfg, found.side, calib, batches=ctx.calib_batches)
-        net.full()
-        small = slim(ctx.model, space, found.cfg, found.side)
+        recalibrate_bn(source, found.cfg, found.side, calib, batches=ctx.calib_batches)
+        source.full()
+        small = slim(source.model, space, found.cfg, found.side)
         if ctx.latency is None:
             break
         search_budget = _delivery_check(small, space, found, ctx.latency, ctx.limits["latency"], search_budget,
@@ -258,6 +282,21 @@ def _fit_supernet(ctx: FitContext) -> Fitted:
             break
     timings["search_s"] = time.time() - t
     return Fitted(small, found, attempts, timings)
+
+
+def _inheritance(net, untrained, found, inherit, calib, scoring, calib_batches, metric):
+    """(the supernet to slim from, its name): the trained supernet, or one over the weights before
+    supernet training; with "best", the one whose held-out score of the chosen configuration and
+    side is higher (ties keep the trained supernet)."""
+    if inherit == "supernet":
+        return net, "supernet"
+    before = supernet(untrained, net.space, impl=net.impl)
+    if inherit == "original":
+        return before, "original"
+    kept = score(before, found.cfg, found.side, scoring, calib, calib_batches=calib_batches, metric=metric)
+    trained = found.score_left if found.side == "left" else found.score_right
+    log.info("weights for the slim model: supernet scores %.4f, before supernet training %.4f", trained, kept)
+    return (before, "original") if kept > trained else (net, "supernet")
 
 
 def _latency_constraint(budget):

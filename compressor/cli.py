@@ -18,6 +18,15 @@ def _model_and_input(spec, weights, image_size):
     return load_model(spec, weights), torch.randn(1, 3, image_size, image_size)
 
 
+def divisor_arg(text):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--divisor takes a positive integer or 'auto', got {text!r}") from None
+
+
 def cmd_demo(args):
     from .demo import run_demo
     run_demo(out_dir=args.out, seed=args.seed, progress=not args.quiet)
@@ -69,6 +78,8 @@ def cmd_compress(args):
                       method_options=_method_options(args.method_option),
                       supernet_epochs=args.supernet_epochs, finetune_epochs=args.finetune_epochs,
                       batch_size=args.batch_size, conv_impl=args.conv_impl, channel_order=args.channel_order,
+                      divisor=args.divisor, inherit=args.inherit, score_metric=args.score_metric,
+                      seed_population=args.seed_population,
                       effort=args.effort, distill=args.distill, device=args.device, out_dir=args.out, seed=args.seed,
                       export=[e for e in args.export.split(",") if e], progress=not args.quiet, **learning_rates)
     print(json.dumps({k: getattr(result, k) for k in ("widths", "side", "original", "result", "limits", "paths")},
@@ -124,7 +135,7 @@ def build_parser():
     p = sub.add_parser("analyze", help="print a model's channel groups and cost")
     model_args(p)
     p.add_argument("--bins", type=int, default=20)
-    p.add_argument("--divisor", type=int, default=8)
+    p.add_argument("--divisor", type=divisor_arg, default="auto", help="an integer, or auto (default)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("compress", help="compress a model to a budget with BCNet")
@@ -141,11 +152,21 @@ def build_parser():
     p.add_argument("--lr", type=float, help="supernet learning rate (default: compress()'s)")
     p.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default: compress()'s)")
     p.add_argument("--effort", type=float, default=0.25, help="search effort (1.0 = population 50 x 40 generations)")
-    p.add_argument("--channel-order", choices=("l1", "l1-both-ends", "none"), default="none",
-                   help="l1: order each group's channels by weight magnitude before training (default: none)")
+    p.add_argument("--channel-order", choices=("taylor", "taylor-both-ends", "l1", "l1-both-ends", "none"),
+                   default="taylor", help="order each group's channels by importance before training (default: "
+                   "taylor, |w dL/dw|; l1: weight magnitude; none: keep the model's order)")
+    p.add_argument("--divisor", type=divisor_arg, default="auto",
+                   help="widths are multiples of this (an integer; default auto: per group, see analyze)")
+    p.add_argument("--inherit", choices=("best", "supernet", "original"), default="best",
+                   help="the slim model's weights: the trained supernet's, the original's, or the better-scoring")
+    p.add_argument("--score-metric", choices=("top1", "loss"), default="top1",
+                   help="what ranks candidates on the held-out split")
+    p.add_argument("--no-seed-population", dest="seed_population", action="store_false",
+                   help="leave the uniform and global-importance configurations out of the initial population")
     p.add_argument("--conv-impl", choices=("auto", "reference", "sliced", "cuda"), default="auto",
                    help="masked convolution in supernet training (auto: the CUDA kernel on a GPU, else sliced)")
-    p.add_argument("--distill", action="store_true", help="distil the original model into the subnets")
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
+                   help="distil the original model into the subnets and the fine-tuned model (default: on)")
     p.add_argument("--export", default="", help="comma-separated: onnx, trt-fp32, trt-fp16, trt-int8")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)

@@ -77,19 +77,26 @@ def recalibrate_bn(net: Supernet, cfg, side: str, calib_data, batches: int = 20)
     return net
 
 
+METRICS = ("top1", "loss")
+
+
 def score(net: Supernet, cfg, side: str, val_data, calib_data, *, calib_batches: int = 20,
-          max_batches: int | None = None) -> float:
-    """Top-1 accuracy in [0, 1] of `cfg` on `side` on `val_data`, after recalibrating BN on
-    `calib_data`. The supernet's BN buffers, active configuration and train/eval modes are
-    restored afterwards. Under torch.distributed each rank scores the batches whose index % world
-    size is its rank and the counts are summed, so every rank returns the same number."""
+          max_batches: int | None = None, metric: str = "top1") -> float:
+    """Held-out quality of `cfg` on `side` on `val_data`, after recalibrating BN on `calib_data`:
+    top-1 accuracy in [0, 1] (metric "top1"), or minus the mean cross-entropy ("loss": higher is
+    better too, and it separates candidates that a small split gives the same top-1). The
+    supernet's BN buffers, active configuration and train/eval modes are restored afterwards.
+    Under torch.distributed each rank scores the batches whose index % world size is its rank and
+    the sums are reduced, so every rank returns the same number."""
+    if metric not in METRICS:
+        raise ConfigError(f"unknown score metric {metric!r}: use {' or '.join(map(repr, METRICS))}")
     norms = _norms(net)
     saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms]
     modes = [m.training for m in net.modules()]
     previous = (net.cfg, net.side)
     rank, world = rank_and_world()
     device = _device(net)
-    counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, total
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct (or summed loss), total
     try:
         recalibrate_bn(net, cfg, side, calib_data, calib_batches)
         with torch.no_grad():
@@ -98,8 +105,11 @@ def score(net: Supernet, cfg, side: str, val_data, calib_data, *, calib_batches:
                     break
                 if i % world != rank:
                     continue
-                y = y.to(device)
-                counts[0] += (net(x.to(device)).argmax(-1) == y).sum()
+                y, out = y.to(device), net(x.to(device))
+                if metric == "loss":
+                    counts[0] -= torch.nn.functional.cross_entropy(out, y, reduction="sum").double()
+                else:
+                    counts[0] += (out.argmax(-1) == y).sum()
                 counts[1] += y.numel()
     finally:
         for m, buffers in zip(norms, saved):
@@ -178,6 +188,27 @@ def uniform_baseline(space: WidthSpace, budget) -> tuple:
     # bin 1 clipped is space.min(), which constraints() has shown to be feasible
     cfgs = np.clip(np.arange(space.bins, 0, -1)[:, None], space.min_bins, space.max_bins)
     return tuple(int(c) for c in cfgs[np.argmax(_feasible(bounds, cfgs))])
+
+
+def importance_baseline(space: WidthSpace, importance, budget, thresholds: int = 400) -> tuple:
+    """Global magnitude pruning as a configuration: every group keeps its channels whose
+    importance (one array per group, e.g. slim.channel_importance, each divided by its group's
+    mean so that groups of many layers do not outweigh the others) reaches one network-wide
+    threshold, rounded down to the group's bins; the lowest threshold that meets every
+    constraint. With channels in importance order, the left path of this configuration is what
+    global pruning would keep."""
+    bounds = constraints(space, budget)
+    relative = [np.sort(np.asarray(v, dtype=np.float64) / max(float(np.mean(v)), 1e-12))[::-1] for v in importance]
+    cuts = np.quantile(np.concatenate(relative), np.linspace(0, 1, thresholds))
+    # kept[t, g]: channels of group g at or above threshold t; the bin is the widest that keeps no more
+    kept = np.stack([(r[None, :] >= cuts[:, None]).sum(1) for r in relative], axis=1)
+    allowed = _allowed_bins(space)
+    fits = (space.width_table[None] <= kept[:, :, None]) & allowed[None]
+    cfgs = np.where(fits.any(2), space.bins - np.argmax(fits[:, :, ::-1], axis=2), space.min_bins[None])
+    ok = _feasible(bounds, cfgs)
+    if not ok.any():
+        return space.min()
+    return tuple(int(c) for c in cfgs[np.argmax(ok)])  # thresholds ascend: the first feasible keeps most
 
 
 # -- the prior -----------------------------------------------------------------------------------
@@ -295,6 +326,7 @@ class SearchResult:
     costs: dict
     limits: dict
     history: list = field(repr=False)  # [Evaluated], every candidate in evaluation order
+    inherited: str = "supernet"  # where compress() took the slim model's weights from
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -315,13 +347,18 @@ def canonical_bins(space: WidthSpace) -> np.ndarray:
     return canon
 
 
-def _initial_population(space, bounds, prior, size, window, rng) -> list:
-    """Distinct feasible candidates whose primary cost lies in window x limit, drawn from the prior
-    and, when it is too concentrated to give enough distinct ones, uniformly; if the window holds
-    too few, the rest are any feasible candidates."""
+def _initial_population(space, bounds, prior, size, window, rng, seeds=()) -> list:
+    """Distinct feasible candidates: the feasible `seeds` first (whatever their cost), then ones
+    whose primary cost lies in window x limit, drawn from the prior and, when it is too
+    concentrated to give enough distinct ones, uniformly; if the window holds too few, the rest are
+    any feasible candidates."""
     primary = bounds[0]
     canon, rows = canonical_bins(space), np.arange(len(space))
     chosen = {}  # insertion-ordered set
+    for cfg in seeds:
+        cfg = canon[rows, np.asarray(space.check(cfg))]
+        if _feasible(bounds, cfg[None])[0] and len(chosen) < size:
+            chosen.setdefault(tuple(int(c) for c in cfg))
     for in_window in (True, False):
         for source in (prior, _uniform_prior(space)):
             for _ in range(_DRAW_ROUNDS):
@@ -358,7 +395,7 @@ def _children(count, make, bounds, evaluated, rng) -> list:
 
 def search(net: Supernet, budget, train_data, val_data, *, records=None, effort: float = 1.0,
            window=(0.8, 1.0), seed: int = 0, calib_batches: int = 20, max_val_batches: int | None = None,
-           sides=("left", "right"), progress: bool = True) -> SearchResult:
+           sides=("left", "right"), progress: bool = True, metric: str = "top1", seeds=()) -> SearchResult:
     """Evolutionary width search on a trained supernet (METHOD section 6).
 
     `budget`: a Budget or a string such as "flops<=50%,params<=2M". `train_data` supplies the BN
@@ -368,7 +405,9 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
     `effort` scales population, generations, top-k, mutations and crossovers (1.0 = 50, 40, 10,
     25, 25). Fitness is the mean of the scores on `sides` (both for BCNet; ("left",) for a UA
     supernet, whose right paths were never trained); the result's side is the better one of the
-    best configuration. A side not scored is recorded as NaN.
+    best configuration. A side not scored is recorded as NaN. `metric`: score's "top1" or "loss".
+    `seeds`: configurations placed in the initial population (when feasible), e.g. the uniform and
+    the global-importance ones, so the result scores at least as well as they do.
     """
     if not sides or any(side not in ("left", "right") for side in sides):
         raise ConfigError(f"sides must be a non-empty subset of ('left', 'right'), got {sides!r}")
@@ -399,7 +438,7 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
 
     def evaluate(cfg, generation):
         left, right = (score(net, cfg, side, val_data, train_data, calib_batches=calib_batches,
-                             max_batches=max_val_batches) if side in sides else float("nan")
+                             max_batches=max_val_batches, metric=metric) if side in sides else float("nan")
                        for side in ("left", "right"))
         evaluated[cfg] = (left, right)
         history.append(Evaluated(cfg, left, right, float(space.flops(cfg)), float(space.params(cfg)), generation))
@@ -419,7 +458,7 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
         a, b = rng.choice(len(top), size=2, replace=False)
         return canon[rows, np.where(rng.random(len(space)) < 0.5, top[a], top[b])]
 
-    candidates = _initial_population(space, bounds, prior, population, window, rng)
+    candidates = _initial_population(space, bounds, prior, population, window, rng, seeds)
     top = []
     bar = tqdm(range(generations), desc="search", disable=not progress or rank != 0 or not sys.stderr.isatty())
     for generation in bar:

@@ -24,6 +24,16 @@ def kept_channels(c: int, n: int, bins: int, divisor: int) -> int:
     return min(n, max(divisor, k, 1))
 
 
+def auto_divisor(n: int, cap: int = 8) -> int:
+    """divisor="auto" for a group of n channels: the largest power of two up to `cap` that
+    leaves the group at least 8 distinct widths (16 channels -> 2, 32 -> 4, 64 and more -> 8), so
+    that narrow layers keep a useful choice of widths and wide ones keep the alignment."""
+    d = 1
+    while d * 2 <= cap and n // (d * 2) >= 8:
+        d *= 2
+    return d
+
+
 def check_side(side: str) -> str:
     if side not in SIDES:
         raise ConfigError(f"unknown side {side!r}: use 'left' (channels [0, k)) or 'right' (channels [n-k, n))")
@@ -67,7 +77,8 @@ class WidthSpace:
         self.sizes = np.array([g.size for g in groups], dtype=np.int64)
         # width_table[g, c]: channels kept in group g at bin c (column 0 unused)
         self.width_table = np.array(
-            [[0] + [kept_channels(c, g.size, bins, divisor) for c in range(1, bins + 1)] for g in groups],
+            [[0] + [kept_channels(c, g.size, bins, auto_divisor(g.size) if divisor == "auto" else divisor)
+                    for c in range(1, bins + 1)] for g in groups],
             dtype=np.int64).reshape(len(groups), bins + 1)
         self._rows = np.arange(len(groups))
         # runtime name -> latency model (compressor.latency.build_latency_model sets them): the
@@ -204,15 +215,16 @@ def analyze(model: nn.Module, example_input: torch.Tensor, bins: int = 20, divis
             exclude=(), min_ratio: float = 0.0, max_ratio: float = 1.0) -> WidthSpace:
     """Find the channel groups of `model` and build its width space and exact cost model.
 
-    `exclude` holds module names or types whose output channels stay fixed. `min_ratio` and
+    `divisor`: widths are multiples of it (1 disables alignment); "auto" picks one per group
+    with auto_divisor. `exclude` holds module names or types whose output channels stay fixed. `min_ratio` and
     `max_ratio` bound every group's width (as a fraction of its original size). The model is
     not modified: the analysis runs on a copy.
     """
     check_model(model, example_input)
     if not isinstance(bins, int) or bins < 1:
         raise ConfigError(f"bins must be a positive integer, got {bins!r}")
-    if not isinstance(divisor, int) or divisor < 1:
-        raise ConfigError(f"divisor must be a positive integer (1 disables alignment), got {divisor!r}")
+    if divisor != "auto" and (not isinstance(divisor, int) or divisor < 1):
+        raise ConfigError(f"divisor must be a positive integer (1 disables alignment) or 'auto', got {divisor!r}")
     if not 0 <= min_ratio <= max_ratio <= 1 or max_ratio == 0:
         raise ConfigError(f"need 0 <= min_ratio <= max_ratio <= 1 and max_ratio > 0, got {min_ratio}, {max_ratio}")
     if isinstance(exclude, (str, type)):

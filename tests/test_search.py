@@ -345,3 +345,54 @@ def test_collapsed_bins_are_never_scored_twice(trained):
                        progress=False)
     networks = [tuple(space.channels(e.cfg)) for e in result.history]
     assert len(networks) == len(set(networks)) > 1
+
+
+# -- seeds of the population, the loss score, global importance ------------------------------------
+def test_loss_score_is_minus_the_slim_models_cross_entropy(trained):
+    model, space, calib, val = trained
+    model = copy.deepcopy(model)
+    net = cz.supernet(model, space)
+    cfg, side = (6, 3), "left"
+    recalibrate_bn(net, cfg, side, calib, batches=3)
+    small = cz.slim(model, space, cfg, side).eval()
+    with torch.no_grad():
+        losses = [nn.functional.cross_entropy(small(x), y, reduction="sum") for x, y in val]
+    expected = -float(sum(losses)) / sum(len(y) for _, y in val)
+    assert score(net, cfg, side, val, calib, calib_batches=3, metric="loss") == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ConfigError, match="'top1' or 'loss'"):
+        score(net, cfg, side, val, calib, metric="top-1")
+
+
+def test_seeds_start_the_population_and_bound_the_result(trained, net):
+    _, space, calib, val = trained
+    seed_cfg = uniform_baseline(space, "flops<=60%")
+    found = search(net, "flops<=60%", calib, val, effort=0.1, calib_batches=2, progress=False, seeds=[seed_cfg])
+    assert found.history[0].cfg == seed_cfg and found.history[0].generation == 0
+    seeded = next(e for e in found.history if e.cfg == seed_cfg)
+    assert found.score >= (seeded.score_left + seeded.score_right) / 2
+    # an infeasible seed is left out rather than breaking the budget
+    found = search(net, "flops<=60%", calib, val, effort=0.1, calib_batches=2, progress=False, seeds=[space.max()])
+    assert all(e.cfg != space.max() for e in found.history)
+
+
+@pytest.mark.parametrize("budget", ["flops<=50%", "params<=30%", "flops<=100%"])
+def test_importance_baseline_keeps_the_channels_above_one_threshold(trained, budget):
+    from compressor.search import importance_baseline
+    _, space, _, _ = trained
+    rng = np.random.default_rng(0)
+    importance = [rng.random(n) for n in space.sizes]
+    cfg = importance_baseline(space, importance, budget)
+    bounds = constraints(space, budget)
+    assert all(getattr(space, b.metric)(cfg) <= b.limit for b in bounds)
+    if budget == "flops<=100%":
+        assert cfg == space.max()
+    # every group keeps at most the channels above a common (relative) threshold, and the kept
+    # channel counts are the widest bins that do
+    relative = [v / v.mean() for v in importance]
+    kept = space.channels(cfg)
+    threshold = min(np.sort(r)[::-1][k - 1] for r, k in zip(relative, kept))
+    for r, k, g in zip(relative, kept, range(len(space))):
+        above = int((r >= threshold).sum())
+        assert k <= above
+        wider = [int(w) for w in space.width_table[g, 1:] if k < w <= above]
+        assert not wider  # a wider allowed bin would still keep only channels above the threshold

@@ -145,3 +145,18 @@ def test_analyze_leaves_model_unchanged():
     before = snapshot(model)
     cz.analyze(model, X)
     assert_unchanged(model, before)
+
+
+def test_auto_divisor_keeps_narrow_groups_choosable():
+    from compressor.space import auto_divisor
+    assert [auto_divisor(n) for n in (8, 15, 16, 24, 32, 63, 64, 512)] == [1, 1, 2, 2, 4, 4, 8, 8]
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 64, 3), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    space = cz.analyze(model, torch.randn(1, 3, 16, 16), divisor="auto")
+    widths = {int(n): sorted(set(space.width_table[g, 1:].tolist())) for g, n in enumerate(space.sizes)}
+    assert widths[16] == list(range(2, 17, 2))          # 8 widths instead of {8, 16} with divisor 8
+    assert widths[64] == list(range(8, 65, 8))
+    for cfg in (space.min(), space.uniform(0.5), space.max()):   # the cost model follows the table
+        small = cz.slim(model, space, cfg, "left")
+        assert cz.measure_flops(small, torch.randn(1, 3, 16, 16)) == space.flops(cfg)

@@ -95,6 +95,10 @@ class FitContext:
     checkpoint_dir: str | None = None
     seed: int = 0
     progress: bool = True
+    score_metric: str = "top1"  # what ranks candidates: "top1" or "loss"
+    inherit: str = "supernet"   # the slim model's weights: "supernet", "original" or "best"
+    sides: tuple | None = None  # the sides the search scores (None: the method's)
+    seeds: list = dataclasses.field(default_factory=list)  # configurations in the initial population
 
 
 @dataclass

@@ -1,0 +1,261 @@
+"""Does compress() pick a better network than Torch-Pruning at the same budget? CIFAR-10 (JPEG),
+the pretrained ResNet-56 from ../shared/data, several budgets and seeds, two ways to share the
+training budget.
+
+Rows, each fine-tuned with the same recipe (cz.finetune: SGD, cosine, label smoothing, and
+distillation from the original model exactly when compress() distils) on the same images:
+  original      the pretrained model fine-tuned (the reference)
+  tp-l1         Torch-Pruning, L1 magnitude, one uniform ratio, bisected to just under the limit
+  tp-group-l2   Torch-Pruning, global pruning with group L2 importance, bisected likewise
+  tp-taylor     Torch-Pruning, global pruning with group Taylor importance (gradients of 8 batches)
+  uniform       the same bin in every group (the model's first k channels), the widest that fits
+  ua, bcnet     cz.compress(method=...) with its defaults
+  NAME          cz.compress with --variant NAME='{"option": value, ...}' (ablations)
+"TP best" in the table is the better of tp-group-l2 and tp-taylor (by mean accuracy).
+
+Modes (how the baselines' fine-tuning compares with compress's training):
+  same-ft       baselines fine-tune for compress's fine-tuning epochs
+  same-total    baselines fine-tune for compress's supernet + fine-tuning epochs
+compress() rows are the same run in both modes.
+
+    python benchmarks/quality.py --setting quick            # minutes a row on 2 CPU cores
+    python benchmarks/quality.py                             # the cpu setting
+    python benchmarks/quality.py --setting gpu               # all 50k images, 30 supernet epochs
+
+Writes benchmarks/results/quality-<setting><tag>.json after every row; a rerun with the same
+arguments resumes (skips the rows it has), and refuses a file written with other settings.
+Skips (exit 0, naming the missing file) when ../shared/data is absent.
+"""
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from common import RESULTS, machine_info, write_result
+
+SETTINGS = {  # train/test images (None: all), epochs, compress's search effort and BN batches, batch size
+    "quick": dict(train=2000, test=1000, supernet_epochs=1.0, finetune_epochs=1.0, effort=0.05,
+                  calib_batches=5, batch_size=64),
+    "cpu": dict(train=5000, test=2000, supernet_epochs=1.0, finetune_epochs=1.0, effort=0.05,
+                calib_batches=5, batch_size=64),
+    "gpu": dict(train=None, test=None, supernet_epochs=30.0, finetune_epochs=10.0, effort=0.25,
+                calib_batches=10, batch_size=256),
+}
+BASELINES = ("original", "tp-l1", "tp-group-l2", "tp-taylor", "uniform")
+MODES = ("same-ft", "same-total")
+
+
+def bisect_prune(model, x, flops_limit, make_pruner):
+    """The Torch-Pruning result for the largest ratio step that lands under flops_limit: ratio
+    bisected 14 times on a fresh copy each time (FLOPs fall monotonically with the ratio)."""
+    import compressor as cz
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(14):
+        ratio = (lo + hi) / 2
+        candidate = copy.deepcopy(model).eval()
+        for p, q in zip(model.parameters(), candidate.parameters()):  # Taylor importance reads .grad
+            q.grad = None if p.grad is None else p.grad.clone()
+        pruner = make_pruner(candidate, ratio)
+        pruner.step()
+        if cz.measure_flops(candidate, x) <= flops_limit:
+            best, hi = candidate, ratio
+        else:
+            lo = ratio
+    if best is None:
+        raise RuntimeError(f"Torch-Pruning found no ratio under {flops_limit:.3g} FLOPs")
+    return best.train()
+
+
+def tp_prune(kind, model, x, flops_limit, train):
+    import torch_pruning as tp
+    ignored = lambda m: [m.get_submodule("linear")]  # noqa: E731  the classifier's outputs are the classes
+    if kind == "tp-l1":
+        return bisect_prune(model, x, flops_limit, lambda m, r: tp.pruner.BasePruner(
+            m, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=r, ignored_layers=ignored(m)))
+    if kind == "tp-group-l2":
+        return bisect_prune(model, x, flops_limit, lambda m, r: tp.pruner.BasePruner(
+            m, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=r, global_pruning=True,
+            ignored_layers=ignored(m)))
+    if kind == "tp-taylor":
+        batches = list(torch.utils.data.DataLoader(train, batch_size=64, shuffle=True,
+                                                   generator=torch.Generator().manual_seed(0)))[:8]
+
+        # Taylor importance reads w * dL/dw: gradients once, on a copy (frozen shortcut weights too)
+        model = copy.deepcopy(model)
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        model.requires_grad_(True)
+        model.train()
+        for xb, yb in batches:
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        pruned = bisect_prune(model, x, flops_limit, lambda m, r: tp.pruner.BasePruner(
+            m, x, importance=tp.importance.GroupTaylorImportance(), pruning_ratio=r, global_pruning=True,
+            ignored_layers=ignored(m)))
+        pruned.zero_grad(set_to_none=True)
+        for n in frozen:
+            pruned.get_parameter(n).requires_grad_(False)
+        return pruned
+    raise ValueError(kind)
+
+
+def summarise(rows, budgets, modes, names):
+    """Markdown tables: per budget and mode, each row's mean and min-max over seeds, and time."""
+    lines = []
+    for budget in budgets:
+        for mode in modes:
+            lines += [f"\n{budget}, {mode}", "| row | seeds | top-1 mean | min-max | MFLOPs | wall s | stages (s) |",
+                      "|---|---|---|---|---|---|---|"]
+            table = {}
+            for name in names:
+                found = [r for r in rows if r["budget"] == budget and r["row"] == name
+                         and r["mode"] in (mode, "both")]
+                if found:
+                    table[name] = found
+            tp = [n for n in ("tp-group-l2", "tp-taylor") if n in table]
+            if tp:
+                table["TP best (" + max(tp, key=lambda n: statistics.mean(r["accuracy"] for r in table[n])) + ")"] = \
+                    table[max(tp, key=lambda n: statistics.mean(r["accuracy"] for r in table[n]))]
+            for name, found in table.items():
+                acc = [r["accuracy"] for r in found]
+                stages = {}
+                for r in found:
+                    for k, v in r.get("stages", {}).items():
+                        stages[k] = stages.get(k, 0) + v / len(found)
+                lines.append(f"| {name} | {len(found)} | {100 * statistics.mean(acc):.1f} % | {100 * min(acc):.1f}-"
+                             f"{100 * max(acc):.1f} | {statistics.mean(r['flops'] for r in found) / 1e6:.1f} | "
+                             f"{statistics.mean(r['seconds'] for r in found):.0f} | "
+                             + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=SETTINGS, default="cpu")
+    parser.add_argument("--budgets", default="flops<=50%;flops<=30%", help="';'-separated budgets")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rows", default="original,tp-l1,tp-group-l2,tp-taylor,uniform,ua,bcnet")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME=JSON: a compress() row with these options (repeatable), e.g. "
+                             "'bcnet-l1={\"channel_order\": \"l1\"}'; add NAME to --rows")
+    parser.add_argument("--tag", default="", help="suffix of the result file, to keep runs apart")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (recorded)")
+    parser.add_argument("--fresh", action="store_true", help="start the result file over")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import compressor as cz
+    from compressor.api import compress
+    from compressor.cifar import load_pretrained, pretrained_path, resnet56
+    from compressor.data import cifar10
+    from compressor.finetune import accuracy, finetune
+    from compressor.search import uniform_baseline
+
+    try:
+        weights = pretrained_path("resnet56")
+        cifar10("test", limit=10)
+    except FileNotFoundError as e:
+        print(f"skipped: {e}")
+        return 0
+    setting = SETTINGS[args.setting]
+    budgets = [b.strip() for b in args.budgets.split(";") if b.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    variants = {}
+    for v in args.variant:
+        name, _, options = v.partition("=")
+        variants[name] = json.loads(options)
+    names = args.rows.split(",")
+    unknown = [n for n in names if n not in BASELINES + ("ua", "bcnet") and n not in variants]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}: give a --variant for each")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(1, 3, 32, 32)
+    default_distill = __import__("inspect").signature(compress).parameters["distill"].default
+
+    name = f"quality-{args.setting}{args.tag}.json"
+    path = os.path.join(RESULTS, name)
+    run = {"setting": setting, "variants": variants}
+    rows = []
+    if os.path.exists(path) and not args.fresh:
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["run"] != run:
+            raise SystemExit(f"{path} holds a run with other settings ({saved['run']} vs {run}): "
+                             f"pass --tag to keep both, or --fresh to start over")
+        rows = saved["rows"]
+    done = {(r["budget"], r["seed"], r["row"], r["mode"]) for r in rows}
+
+    def save():
+        return write_result(name, {"run": run, "rows": rows, "machine": machine_info(),
+                                   "torch_threads": torch.get_num_threads()})
+
+    for seed in seeds:
+        train = cifar10("train", limit=setting["train"], seed=seed, augment=True)
+        test = cifar10("test", limit=setting["test"], seed=seed)
+        ft = dict(batch_size=setting["batch_size"], seed=seed, progress=False)
+        epochs = {"same-ft": setting["finetune_epochs"],
+                  "same-total": setting["supernet_epochs"] + setting["finetune_epochs"]}
+
+        def pretrained():
+            torch.manual_seed(seed)
+            return load_pretrained(resnet56(), weights).to(device)
+
+        def record(budget, row, mode, model, seconds, **extra):
+            model = model.to(device).eval()
+            rows.append(dict(budget=budget, seed=seed, row=row, mode=mode, accuracy=accuracy(model, test),
+                             flops=cz.measure_flops(model.cpu(), x), params=cz.count_params(model),
+                             seconds=round(seconds, 1), **extra))
+            print(json.dumps(rows[-1]), flush=True)
+            save()
+
+        for budget in budgets:
+            space = cz.analyze(pretrained().cpu(), x)
+            limit = cz.parse_budget(budget)[0].limit(space.flops(space.max()))
+            for row in names:
+                for mode in (["both"] if row not in BASELINES else modes):
+                    if (budget, seed, row, mode) in done or (row == "original" and budget != budgets[0]):
+                        continue
+                    t0 = time.time()
+                    original = pretrained()
+                    if row in BASELINES:
+                        ft_teacher = copy.deepcopy(original).eval() if default_distill else None
+                        if row == "original":
+                            small, stages = copy.deepcopy(original), {}
+                        elif row == "uniform":
+                            small = cz.slim(original, space, uniform_baseline(space, budget), "left")
+                            stages = {}
+                        else:
+                            small = tp_prune(row, original.cpu(), x, limit, train).to(device)
+                            stages = {"prune": time.time() - t0}
+                        t1 = time.time()
+                        finetune(small, train, epochs=epochs[mode], teacher=ft_teacher, **ft)
+                        stages["finetune"] = time.time() - t1
+                        record(budget, row, mode, small, time.time() - t0, stages=stages,
+                               finetune_epochs=epochs[mode])
+                    else:
+                        options = dict(variants.get(row, {}))
+                        method = options.pop("method", row if row in ("ua", "bcnet") else "bcnet")
+                        result = compress(original, budget, train, None, example_input=x, method=method,
+                                          supernet_epochs=setting["supernet_epochs"],
+                                          finetune_epochs=setting["finetune_epochs"], effort=setting["effort"],
+                                          calib_batches=setting["calib_batches"], batch_size=setting["batch_size"],
+                                          device=device, seed=seed, progress=False, **options)
+                        t = result.timings
+                        stages = {"supernet": t["supernet_s"], "search": t["search_s"], "finetune": t["finetune_s"],
+                                  "other": t["total_s"] - t["supernet_s"] - t["search_s"] - t["finetune_s"]}
+                        record(budget, row, mode, result.model, time.time() - t0, stages=stages,
+                               widths=result.widths, side=result.side, supernet_score=result.supernet_score,
+                               inherited=result.search.get("inherited"))
+    print(f"\nResNet-56, CIFAR-10 JPEG, '{args.setting}' setting: {setting}, torch threads {torch.get_num_threads()}")
+    print(summarise(rows, budgets, modes, names))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
