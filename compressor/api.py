@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 import os
@@ -23,7 +22,9 @@ from .data import train_val_split
 from .errors import ConfigError, InfeasibleBudgetError
 from .files import atomic_output, write_text_atomic
 from .finetune import accuracy, finetune, loader
+from . import outputs
 from .latency import attached, build_latency_model, runtime
+from .models import name_architecture, unwrap
 from .search import constraints, human, recalibrate_bn, search
 from .slim import order_channels, save_slim, slim
 from .space import analyze, check_model
@@ -84,19 +85,6 @@ def _finite(value):
     return value
 
 
-def _source(model):
-    """How save_slim can rebuild the architecture: the spec cz.load_model recorded, or the class
-    itself when it can be built without arguments."""
-    spec = getattr(model, "_compressor_source", None)
-    if spec:
-        return spec
-    cls = type(model)
-    if all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-           for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"):
-        return f"{cls.__module__}:{cls.__qualname__}"
-    return None
-
-
 def plot_pareto(history, chosen, limit, path, metric="flops"):
     """Held-out score against FLOPs of every evaluated candidate, the chosen one and the budget."""
     import matplotlib
@@ -122,7 +110,8 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
              supernet_epochs=1.0, finetune_epochs=1.0, batch_size=64, lr=0.01, finetune_lr=0.01,
              distill=False, effort=0.25, search_fraction=0.1, calib_batches=20, bins=20, divisor=8, exclude=(),
              device=None, out_dir=None, seed=0, export=(), progress=True, latency_options=None,
-             conv_impl="auto", channel_order="none") -> CompressionResult:
+             conv_impl="auto", channel_order="none", source=None, restart=False,
+             keep_checkpoints=False) -> CompressionResult:
     """Compress a pretrained `model` to meet `budget` (e.g. "flops<=50%" or "flops<=50%,params<=2M").
 
     `train_data` is a Dataset of (image, label); a `search_fraction` of it is held out to score
@@ -141,8 +130,18 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     weight magnitude (cz.order_channels: the same function, but every left path starts as the
     magnitude-pruned network), "l1-both-ends" alternates the ranks from both ends; "none" (the
     default) keeps the model's order. The user's model is never modified.
+
+    With `out_dir`: the architecture must be nameable for model.pt (`source`, e.g.
+    'torchvision:resnet18(num_classes=4)' or 'file.py:factory'; by default the spec cz.load_model
+    recorded, a recognised torchvision / timm / project builder, or a class built without
+    arguments), else ConfigError before any training. A checkpoint in out_dir is resumed only by
+    the same run (model, weights, data, budget and options); another run's raises ConfigError unless
+    `restart=True` discards it. Every artifact is written together at the end, an earlier run's
+    artifacts that this run does not produce are removed, and the supernet checkpoints are removed
+    after success unless `keep_checkpoints=True`. DataParallel / DDP models are unwrapped.
     """
     t_start = time.time()
+    model = unwrap(model)
     check_model(model, example_input if example_input is not None else torch.zeros(1))
     budget = parse_budget(budget)
     if method not in ("bcnet", "ua"):
@@ -161,6 +160,8 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
         example_input = train_data[0][0].unsqueeze(0)
     if out_dir:
         _check_writable(out_dir, 50 * 1024 * 1024)
+        source = name_architecture(model, source)  # model.pt must be writable: fail before any training
+        outputs.prepare(out_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     original = copy.deepcopy(model).to(device).eval()  # the frozen reference (and distillation teacher)
@@ -186,7 +187,12 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     t = time.time()
     trained = train_supernet(net, fit_data, method=method, epochs=supernet_epochs, batch_size=batch_size, lr=lr,
                              teacher=original if distill else None, seed=seed, progress=progress,
-                             checkpoint_dir=os.path.join(out_dir, "checkpoints") if out_dir else None)
+                             checkpoint_dir=os.path.join(out_dir, outputs.CHECKPOINTS) if out_dir else None,
+                             restart=restart, identity=dict(
+                                 budget=str(budget), supernet_epochs=supernet_epochs, finetune_epochs=finetune_epochs,
+                                 finetune_lr=finetune_lr, distill=distill, effort=effort, search_fraction=search_fraction,
+                                 calib_batches=calib_batches, bins=bins, divisor=divisor, exclude=exclude,
+                                 channel_order=channel_order, conv_impl=conv_impl, latency_options=latency_options))
     timings["supernet_s"] = time.time() - t
 
     t = time.time()
@@ -234,7 +240,8 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     if not result.meets_budget():  # the cost model is exact: this would be a bug, not a near miss
         raise RuntimeError(f"the slim model misses the budget: {measured} vs {limits}")
     if out_dir:
-        _write_outputs(result, small, original, space, found, bounds, x, out_dir, export, fit_data)
+        _write_outputs(result, small, source, space, found, bounds, x, out_dir, export, fit_data, keep_checkpoints)
+        outputs.finish_checkpoints(out_dir, keep_checkpoints)
     log.info("compressed: %s -> %s, %s -> %s", human("flops", before["flops"]), human("flops", measured["flops"]),
              human("params", before["params"]), human("params", measured["params"]))
     return result
@@ -279,28 +286,26 @@ def _delivery_check(small, space, found, latency, limit, search_budget, attempts
     return budget
 
 
-def _write_outputs(result, small, original, space, found, bounds, x, out_dir, export, calib_data):
+def _write_outputs(result, small, source, space, found, bounds, x, out_dir, export, calib_data, keep_checkpoints):
     paths = result.paths
-    source = _source(original)
-    if source:
-        paths["model"] = os.path.join(out_dir, "model.pt")
-        save_slim(small, paths["model"], source=source)
-    else:
-        log.warning("model.pt not written: the model's class needs constructor arguments; build the model "
-                    "with cz.load_model('file.py:factory') so the architecture can be named")
-    history = [dict(e, score=(e["score_left"] + e["score_right"]) / 2 if e["score_right"] == e["score_right"]
-                    else e["score_left"]) for e in result.search["history"]]
-    chosen = next(e for e in history if tuple(e["cfg"]) == tuple(found.cfg))
-    paths["pareto"] = os.path.join(out_dir, "pareto.png")
-    plot_pareto(history, chosen, bounds[0].limit, paths["pareto"], bounds[0].metric)
-    for fmt in export:
-        from .exporters import export_file
-        meta = {"widths": json.dumps(result.widths), "side": result.side}
-        target = "onnx" if fmt == "onnx" else "trt"
-        name = "model.onnx" if fmt == "onnx" else f"model-{fmt[4:]}.engine"
-        written = export_file(small, x, os.path.join(out_dir, name), fmt=target,
-                              precision="fp32" if fmt == "onnx" else fmt[4:],
-                              calib_data=calib_data if fmt == "trt-int8" else None, metadata=meta)
-        paths[fmt] = written[-1] if isinstance(written, (list, tuple)) else written
-    paths["report"] = os.path.join(out_dir, "report.json")
-    write_text_atomic(paths["report"], result.to_json())
+    with outputs.Staging(out_dir) as stage:
+        save_slim(small, stage.path("model.pt"), source=source)
+        paths["model"] = stage.final(stage.path("model.pt"))
+        history = [dict(e, score=(e["score_left"] + e["score_right"]) / 2 if e["score_right"] == e["score_right"]
+                        else e["score_left"]) for e in result.search["history"]]
+        chosen = next(e for e in history if tuple(e["cfg"]) == tuple(found.cfg))
+        plot_pareto(history, chosen, bounds[0].limit, stage.path("pareto.png"), bounds[0].metric)
+        paths["pareto"] = stage.final(stage.path("pareto.png"))
+        for fmt in export:
+            from .exporters import export_file
+            meta = {"widths": json.dumps(result.widths), "side": result.side}
+            target = "onnx" if fmt == "onnx" else "trt"
+            name = "model.onnx" if fmt == "onnx" else f"model-{fmt[4:]}.engine"
+            written = export_file(small, x, stage.path(name), fmt=target,
+                                  precision="fp32" if fmt == "onnx" else fmt[4:],
+                                  calib_data=calib_data if fmt == "trt-int8" else None, metadata=meta)
+            paths[fmt] = stage.final(written[-1] if isinstance(written, (list, tuple)) else written)
+        if keep_checkpoints and os.path.isdir(os.path.join(out_dir, outputs.CHECKPOINTS)):
+            paths["checkpoints"] = os.path.join(os.path.abspath(out_dir), outputs.CHECKPOINTS)
+        paths["report"] = stage.final(stage.path("report.json"))
+        write_text_atomic(stage.path("report.json"), result.to_json())

@@ -50,12 +50,17 @@ def test_compress_writes_its_outputs(bcnet_run):
     assert report["meets_budget"] and report["widths"] == result.widths
     assert len(report["search"]["history"]) >= 8
     assert (out / "pareto.png").stat().st_size > 1000
-    loaded = cz.load_slim(str(out / "model.pt")).eval()
+    with pytest.raises(cz.ConfigError, match="conftest:TinyNet.*trust_source=True"):
+        cz.load_slim(str(out / "model.pt"))  # the tests' own class is not a known builder
+    loaded = cz.load_slim(str(out / "model.pt"), trust_source=True).eval()
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), result.model.eval()(x))
     assert os.path.isfile(result.paths["onnx"])
-    assert (out / "checkpoints" / "supernet-last.pt").exists()
+    assert not (out / "checkpoints").exists()  # removed after success (keep_checkpoints=False)
+    assert sorted(os.listdir(out)) == ["model.onnx", "model.pt", "pareto.png", "report.json"]
+    assert report["paths"] == {k: str(out / v) for k, v in [("model", "model.pt"), ("pareto", "pareto.png"),
+                                                           ("onnx", "model.onnx"), ("report", "report.json")]}
 
 
 def test_ua_baseline_runs_left_only(pretrained):
@@ -118,6 +123,9 @@ def test_cli_compress_and_export(tmp_path):
     assert summary["result"]["flops"] <= summary["limits"]["flops"] and "accuracy" in summary["result"]
     model_path = tmp_path / "out" / "model.pt"
     run = subprocess.run(cli + ["export", str(model_path), "--image-size", "16"], capture_output=True, text=True)
+    assert run.returncode == 2 and "--trust-source" in run.stderr  # its source is a .py file: not run by default
+    run = subprocess.run(cli + ["export", str(model_path), "--image-size", "16", "--trust-source"],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "out" / "model.onnx").exists()
     bad = subprocess.run(cli + ["compress", "--model", "torchvision:resnet1000", "--data", str(tmp_path),
