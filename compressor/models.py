@@ -197,10 +197,18 @@ def _builds_same(spec: str, layout, shapes=True) -> bool:
 def recognise(model: nn.Module) -> str | None:
     """The known builder spec (with the `num_classes` it needs) that builds exactly `model`'s
     architecture (module names, types and tensor shapes), or None."""
-    layout = _layout(model)
+    modules, layout = _layout(model, shapes=False), _layout(model)
     for base in _candidates(model):
-        for kwargs in [{}] + [{"num_classes": n} for n in _class_counts(model)]:
-            spec = format_spec(*base.split(":", 1), kwargs)
+        try:
+            built = _build_like(base)
+        except Exception:
+            continue
+        if _layout(built, shapes=False) != modules:  # another depth or block: no argument we try fixes it
+            continue
+        if _layout(built) == layout:
+            return base
+        for n in _class_counts(model):
+            spec = format_spec(*base.split(":", 1), {"num_classes": n})
             if _builds_same(spec, layout):
                 return spec
     return None
