@@ -223,8 +223,8 @@ def _no_argument_class(model: nn.Module) -> str | None:
     except (TypeError, ValueError):
         return None
     if any(p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-           for p in params if p.name != "self") or "<locals>" in cls.__qualname__:
-        return None
+           for p in params if p.name != "self") or "<locals>" in cls.__qualname__ or cls.__module__ == "__main__":
+        return None  # a local class or a script's own cannot be imported where model.pt is loaded
     spec = f"{cls.__module__}:{cls.__qualname__}"
     return spec if _builds_same(spec, _layout(model, shapes=False), shapes=False) else None
 

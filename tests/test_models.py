@@ -1,6 +1,9 @@
 """Naming a model's architecture so that model.pt can rebuild it: recognised torchvision, timm
 and project builders (with the num_classes they need), DataParallel unwrapped, and a clear error
 when nothing names it. Real models throughout; the user's model is never modified."""
+import subprocess
+import sys
+
 import pytest
 import torch
 import torchvision
@@ -55,3 +58,20 @@ def test_spec_arguments_are_literals_only():
     for bad in ("torchvision:resnet18(num_classes=__import__('os').getpid())", "torchvision:resnet18(4)", "resnet18"):
         with pytest.raises(cz.ConfigError, match="model spec"):
             parse_spec(bad)
+
+
+def test_a_scripts_own_class_is_not_named_by_its_module():
+    """'__main__:Net' would name whatever script loads model.pt later: ask for a source instead."""
+    script = ("import torch, compressor as cz\n"
+              "from compressor.models import name_architecture\n"
+              "class Net(torch.nn.Module):\n"
+              "    def __init__(self, width=4):\n"
+              "        super().__init__()\n"
+              "        self.conv = torch.nn.Conv2d(3, width, 3)\n"
+              "try:\n"
+              "    print(name_architecture(Net()))\n"
+              "except cz.ConfigError as e:\n"
+              "    print('ConfigError:', e)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("ConfigError: cannot name the architecture of Net (__main__)"), run.stdout
