@@ -286,6 +286,8 @@ def _restore(model, payload):
     for name, attrs in payload["shapes"].items():
         module = model.get_submodule(name)
         for attr, value in attrs.items():
+            if attr not in _SHAPE_ATTRS or type(value) is not int:  # the file sets layer sizes, nothing else
+                raise TypeError(f"shape entry {name}.{attr} = {value!r} is not a layer size")
             setattr(module, attr, value)
     # Give every tensor whose shape changed an empty tensor of the saved shape, then load.
     state = payload["state_dict"]

@@ -396,6 +396,12 @@ def _other_architecture(path, good):
     torch.save(payload, path)
 
 
+def _foreign_attribute(path, good):
+    payload = torch.load(good, weights_only=True)
+    payload["shapes"]["fc"]["training"] = True  # a file may set layer sizes only
+    torch.save(payload, path)
+
+
 def _plain_state_dict(path, good):
     torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), path)
 
@@ -406,6 +412,7 @@ def _plain_state_dict(path, good):
     (_directory, "is a directory"),
     (_whole_module, "pickled objects.*save_slim"),
     (_other_architecture, r"does not fit the architecture it names \('torchvision:resnet34"),
+    (_foreign_attribute, r"does not fit .*fc.training = True is not a layer size"),
     (_plain_state_dict, "not a slim model written by compressor.save_slim"),
 ])
 def test_load_slim_bad_files_raise_one_clear_error(slim_file, tmp_path, make, problem):
