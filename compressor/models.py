@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import inspect
 import os
 import re
 
@@ -216,7 +217,6 @@ def recognise(model: nn.Module) -> str | None:
 
 def _no_argument_class(model: nn.Module) -> str | None:
     """'module:Class' when the model's class builds without arguments into the same modules."""
-    import inspect
     cls = type(model)
     try:
         params = inspect.signature(cls.__init__).parameters.values()
