@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 import os
@@ -24,7 +23,10 @@ from .errors import ConfigError, InfeasibleBudgetError
 from .files import atomic_output, check_writable, write_text_atomic
 from .finetune import accuracy, finetune, loader
 from .latency import build_latency_model, runtime
+from . import outputs
 from .methods import FitContext, Fitted, get_method
+from .models import name_architecture, unwrap
+from .run_identity import weights_hash
 from .search import constraints, human, importance_baseline, recalibrate_bn, score, uniform_baseline
 from .slim import channel_importance, order_channels, save_slim, slim
 from .space import analyze, check_model
@@ -88,19 +90,6 @@ def _finite(value):
     return value
 
 
-def _source(model):
-    """How save_slim can rebuild the architecture: the spec cz.load_model recorded, or the class
-    itself when it can be built without arguments."""
-    spec = getattr(model, "_compressor_source", None)
-    if spec:
-        return spec
-    cls = type(model)
-    if all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-           for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"):
-        return f"{cls.__module__}:{cls.__qualname__}"
-    return None
-
-
 def plot_pareto(history, chosen, limit, path, metric="flops"):
     """Held-out score against FLOPs of every evaluated candidate, the chosen one and the budget."""
     import matplotlib
@@ -127,7 +116,8 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
              finetune_lr=0.01, distill=True, effort=0.25, search_fraction=0.1, calib_batches=20, bins=20,
              divisor="auto", exclude=(), device=None, out_dir=None, seed=0, export=(), progress=True,
              latency_options=None, conv_impl="auto", channel_order="taylor", score_metric="top1",
-             seed_population=True, inherit="best", sides=None) -> CompressionResult:
+             seed_population=True, inherit="best", sides=None, source=None, restart=False,
+             keep_checkpoints=False) -> CompressionResult:
     """Compress a pretrained `model` to meet `budget` (e.g. "flops<=50%" or "flops<=50%,params<=2M").
 
     `train_data` is a Dataset of (image, label); a `search_fraction` of it is held out to score
@@ -155,8 +145,18 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     supernet training, in the same channel order) or "best" (whichever scores better on the held-out
     split for the chosen configuration). `sides`: the paths the search scores (None: the method's).
     The user's model is never modified.
+
+    With `out_dir`: the architecture must be nameable for model.pt (`source`, e.g.
+    'torchvision:resnet18(num_classes=4)' or 'file.py:factory'; by default the spec cz.load_model
+    recorded, a recognised torchvision / timm / project builder, or a class built without
+    arguments), else ConfigError before any training. A checkpoint in out_dir is resumed only by
+    the same run (model, weights, data, budget and options); another run's raises ConfigError unless
+    `restart=True` discards it. Every artifact is written together at the end, an earlier run's
+    artifacts that this run does not produce are removed, and the supernet checkpoints are removed
+    after success unless `keep_checkpoints=True`. DataParallel / DDP models are unwrapped.
     """
     t_start = time.time()
+    model = unwrap(model)
     check_model(model, example_input if example_input is not None else torch.zeros(1))
     budget = parse_budget(budget)
     spec = get_method(method)
@@ -177,6 +177,8 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
         example_input = train_data[0][0].unsqueeze(0)
     if out_dir:
         check_writable(out_dir, 50 * 1024 * 1024)
+        source = name_architecture(model, source)  # model.pt must be writable: fail before any training
+        outputs.prepare(out_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     original = copy.deepcopy(model).to(device).eval()  # the frozen reference (and distillation teacher)
@@ -199,7 +201,10 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     importance = None
     if channel_order != "none" or seed_population:
         criterion, layout = CHANNEL_ORDERS[channel_order] or ("l1", None)
-        importance = channel_importance(work, space, criterion, loader(fit_data, batch_size, shuffle=True, seed=seed))
+        with torch.random.fork_rng(devices=[]):  # the same batches and augmentations on every run of this seed
+            torch.manual_seed(seed)
+            importance = channel_importance(work, space, criterion, loader(fit_data, batch_size, shuffle=True,
+                                                                           seed=seed))
     if channel_order != "none":
         work = order_channels(work, space, layout=layout, importance=importance)
     fit = spec.fit or _fit_supernet  # a method that is not a supernet replaces the whole step
@@ -207,8 +212,14 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
         model=work, space=space, train_data=fit_data, held_out=held_out, budget=budget, method=spec,
         options=options, teacher=original if distill else None, latency=latency, limits=limits,
         epochs=supernet_epochs, batch_size=batch_size, lr=lr, effort=effort, calib_batches=calib_batches,
-        conv_impl=conv_impl, checkpoint_dir=os.path.join(out_dir, "checkpoints") if out_dir else None, seed=seed,
-        progress=progress, score_metric=score_metric, inherit=inherit, sides=sides,
+        conv_impl=conv_impl, checkpoint_dir=os.path.join(out_dir, outputs.CHECKPOINTS) if out_dir else None,
+        seed=seed, progress=progress, score_metric=score_metric, inherit=inherit, sides=sides, restart=restart,
+        # the user's weights define the run (the ordered copy follows from them and the data)
+        identity=dict(weights=weights_hash(model), budget=str(budget), supernet_epochs=supernet_epochs, finetune_epochs=finetune_epochs,
+                      finetune_lr=finetune_lr, distill=distill, effort=effort, search_fraction=search_fraction,
+                      calib_batches=calib_batches, bins=bins, divisor=divisor, exclude=exclude,
+                      channel_order=channel_order, conv_impl=conv_impl, latency_options=latency_options,
+                      score_metric=score_metric, seed_population=seed_population, inherit=inherit, sides=sides),
         seeds=[uniform_baseline(space, budget), importance_baseline(space, importance, budget)]
         if seed_population else []))
     small, found, attempts = fitted.model, fitted.found, fitted.attempts
@@ -242,7 +253,8 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     if not result.meets_budget():  # the cost model is exact: this would be a bug, not a near miss
         raise RuntimeError(f"the slim model misses the budget: {measured} vs {limits}")
     if out_dir:
-        _write_outputs(result, small, original, space, found, bounds, x, out_dir, export, fit_data)
+        _write_outputs(result, small, source, space, found, bounds, x, out_dir, export, fit_data, keep_checkpoints)
+        outputs.finish_checkpoints(out_dir, keep_checkpoints)
     log.info("compressed: %s -> %s, %s -> %s", human("flops", before["flops"]), human("flops", measured["flops"]),
              human("params", before["params"]), human("params", measured["params"]))
     return result
@@ -257,7 +269,8 @@ def _fit_supernet(ctx: FitContext) -> Fitted:
     t = time.time()
     trained = train_supernet(net, ctx.train_data, method=ctx.method, method_options=ctx.options, epochs=ctx.epochs,
                              batch_size=ctx.batch_size, lr=ctx.lr, teacher=ctx.teacher, seed=ctx.seed,
-                             progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir)
+                             progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir, restart=ctx.restart,
+                             identity=ctx.identity)
     timings["supernet_s"] = time.time() - t
 
     t = time.time()
@@ -338,28 +351,26 @@ def _delivery_check(small, space, found, latency, limit, search_budget, attempts
     return budget
 
 
-def _write_outputs(result, small, original, space, found, bounds, x, out_dir, export, calib_data):
+def _write_outputs(result, small, source, space, found, bounds, x, out_dir, export, calib_data, keep_checkpoints):
     paths = result.paths
-    source = _source(original)
-    if source:
-        paths["model"] = os.path.join(out_dir, "model.pt")
-        save_slim(small, paths["model"], source=source)
-    else:
-        log.warning("model.pt not written: the model's class needs constructor arguments; build the model "
-                    "with cz.load_model('file.py:factory') so the architecture can be named")
-    history = [dict(e, score=(e["score_left"] + e["score_right"]) / 2 if e["score_right"] == e["score_right"]
-                    else e["score_left"]) for e in result.search["history"]]
-    chosen = next(e for e in history if tuple(e["cfg"]) == tuple(found.cfg))
-    paths["pareto"] = os.path.join(out_dir, "pareto.png")
-    plot_pareto(history, chosen, bounds[0].limit, paths["pareto"], bounds[0].metric)
-    for fmt in export:
-        from .exporters import export_file
-        meta = {"widths": json.dumps(result.widths), "side": result.side}
-        target = "onnx" if fmt == "onnx" else "trt"
-        name = "model.onnx" if fmt == "onnx" else f"model-{fmt[4:]}.engine"
-        written = export_file(small, x, os.path.join(out_dir, name), fmt=target,
-                              precision="fp32" if fmt == "onnx" else fmt[4:],
-                              calib_data=calib_data if fmt == "trt-int8" else None, metadata=meta)
-        paths[fmt] = written[-1] if isinstance(written, (list, tuple)) else written
-    paths["report"] = os.path.join(out_dir, "report.json")
-    write_text_atomic(paths["report"], result.to_json())
+    with outputs.Staging(out_dir) as stage:
+        save_slim(small, stage.path("model.pt"), source=source)
+        paths["model"] = stage.final(stage.path("model.pt"))
+        history = [dict(e, score=(e["score_left"] + e["score_right"]) / 2 if e["score_right"] == e["score_right"]
+                        else e["score_left"]) for e in result.search["history"]]
+        chosen = next(e for e in history if tuple(e["cfg"]) == tuple(found.cfg))
+        plot_pareto(history, chosen, bounds[0].limit, stage.path("pareto.png"), bounds[0].metric)
+        paths["pareto"] = stage.final(stage.path("pareto.png"))
+        for fmt in export:
+            from .exporters import export_file
+            meta = {"widths": json.dumps(result.widths), "side": result.side}
+            target = "onnx" if fmt == "onnx" else "trt"
+            name = "model.onnx" if fmt == "onnx" else f"model-{fmt[4:]}.engine"
+            written = export_file(small, x, stage.path(name), fmt=target,
+                                  precision="fp32" if fmt == "onnx" else fmt[4:],
+                                  calib_data=calib_data if fmt == "trt-int8" else None, metadata=meta)
+            paths[fmt] = stage.final(written[-1] if isinstance(written, (list, tuple)) else written)
+        if keep_checkpoints and os.path.isdir(os.path.join(out_dir, outputs.CHECKPOINTS)):
+            paths["checkpoints"] = os.path.join(os.path.abspath(out_dir), outputs.CHECKPOINTS)
+        paths["report"] = stage.final(stage.path("report.json"))
+        write_text_atomic(stage.path("report.json"), result.to_json())

@@ -81,7 +81,8 @@ def cmd_compress(args):
                       divisor=args.divisor, inherit=args.inherit, score_metric=args.score_metric,
                       seed_population=args.seed_population,
                       effort=args.effort, distill=args.distill, device=args.device, out_dir=args.out, seed=args.seed,
-                      export=[e for e in args.export.split(",") if e], progress=not args.quiet, **learning_rates)
+                      export=[e for e in args.export.split(",") if e], progress=not args.quiet, restart=args.restart,
+                      keep_checkpoints=args.keep_checkpoints, **learning_rates)
     print(json.dumps({k: getattr(result, k) for k in ("widths", "side", "original", "result", "limits", "paths")},
                      indent=1))
 
@@ -92,7 +93,7 @@ def cmd_export(args):
     from .exporters import export_file
     from .slim import load_slim
     from .data import image_folder
-    model = load_slim(args.model).eval()
+    model = load_slim(args.model, trust_source=args.trust_source).eval()
     x = torch.randn(1, 3, args.image_size, args.image_size)
     calib = image_folder(args.calib_data, args.image_size) if args.calib_data else None
     out = args.out or os.path.splitext(args.model)[0] + (".onnx" if args.format == "onnx" else f"-{args.precision}.engine")
@@ -105,7 +106,7 @@ def cmd_bench(args):
     from .latency.filebench import bench_file, parse_shape
     m = bench_file(args.model, target=args.target, batch=args.batch,
                    input_shape=parse_shape(args.input) if args.input else None, threads=args.threads,
-                   warmup=args.warmup, reps=args.reps)
+                   warmup=args.warmup, reps=args.reps, trust_source=args.trust_source)
     report = {"model": args.model, "target": args.target, "batch": m.batch, "p50_ms": m.median_us / 1e3,
               "p90_ms": m.p90_us / 1e3, "p99_ms": m.p99_us / 1e3, "throughput_per_s": m.throughput,
               "reps": m.reps, "cv": m.cv, "unstable": m.unstable, "info": m.info}
@@ -114,6 +115,10 @@ def cmd_bench(args):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+
+
+TRUST_HELP = ("rebuild a model.pt whose source is a .py file or module:callable (runs that code); by default "
+              "only torchvision, timm and compressor builders are rebuilt")
 
 
 def build_parser():
@@ -170,6 +175,10 @@ def build_parser():
     p.add_argument("--export", default="", help="comma-separated: onnx, trt-fp32, trt-fp16, trt-int8")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--restart", action="store_true",
+                   help="discard a supernet checkpoint of another run in --out and start over (default: refuse)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the supernet checkpoints in --out after success (default: removed)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("export", help="export a slim model (model.pt from save_slim) to ONNX or TensorRT")
@@ -179,6 +188,7 @@ def build_parser():
     p.add_argument("--calib-data", help="ImageFolder directory for int8 calibration")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--out", help="output path (default: beside the model)")
+    p.add_argument("--trust-source", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="latency of a .pt (save_slim), .onnx or .engine file: p50, p90, p99, throughput")
@@ -190,6 +200,7 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.add_argument("--trust-source", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -83,3 +83,14 @@ def read_bytes_or_none(path):
     except FileNotFoundError:
         return None
     return data or None
+
+
+def remove_temporaries(folder, name):
+    """Remove the temporary files atomic_output left for `name` (a file name or a glob pattern) in
+    `folder` when a run was killed in the middle of a write; returns their paths."""
+    import glob
+    stale = glob.glob(os.path.join(glob.escape(os.fspath(folder)), f".{name}.*.tmp"))
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    return stale

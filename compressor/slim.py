@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 from collections import defaultdict
 
 import numpy as np
@@ -14,7 +15,7 @@ from ._version import __version__
 from .errors import ConfigError, UnsupportedModelError
 from .files import atomic_torch_save
 from .groups import layer_kind
-from .models import load_model
+from .models import PROJECT_BUILDERS, is_known_builder, load_model
 from .space import WidthSpace, check_side
 from .supernet import Supernet, check_space
 
@@ -260,17 +261,68 @@ def save_slim(small: nn.Module, path: str, source: str | None = None):
     atomic_torch_save(payload, path)
 
 
-def load_slim(path: str) -> nn.Module:
-    """Rebuild a model written by save_slim (loaded with weights_only=True: no code is unpickled)."""
+def load_slim(path: str, trust_source: bool = False) -> nn.Module:
+    """Rebuild a model written by save_slim. The file is loaded with weights_only=True (no code is
+    unpickled), and the architecture it names is built only when it is a known builder
+    (torchvision:NAME, timm:NAME, the project's own; models.is_known_builder). Any other source
+    (a .py file, a module:callable) would run code that the file chose: it is refused unless the
+    caller trusts the file (`trust_source=True`, CLI --trust-source)."""
+    payload = _read_slim(path)
+    source = payload["source"]
+    try:
+        known = is_known_builder(source)
+    except ConfigError as e:
+        raise ConfigError(f"{path!r} names a malformed source: {e}") from e
+    if not known and not trust_source:
+        raise ConfigError(
+            f"{path!r} names the source {source!r}, which is not a known builder (torchvision:NAME, timm:NAME, "
+            f"{', '.join(PROJECT_BUILDERS)}): rebuilding it would run code that the file chose. If you trust the "
+            f"file, call load_slim(path, trust_source=True) (CLI: --trust-source)")
+    model = load_model(source)
+    try:
+        _restore(model, payload)
+    except (AttributeError, KeyError, RuntimeError, TypeError) as e:
+        raise ConfigError(f"{path!r} does not fit the architecture it names ({source!r}): "
+                          f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+    model.compressor_info = {k: payload[k] for k in ("widths", "side", "channels", "source")}
+    return model
+
+
+def _read_slim(path):
+    """The payload of a save_slim file, or a ConfigError naming the file and what is wrong."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{path!r} is a directory, not a model file written by compressor.save_slim")
     if not os.path.isfile(path):
         raise ConfigError(f"{path!r} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ConfigError(f"{path!r} is not a slim model written by compressor.save_slim")
-    model = load_model(payload["source"])
+    if os.path.getsize(path) == 0:
+        raise ConfigError(f"{path!r} is empty (0 bytes): the file was not written completely; write it again")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ConfigError(f"{path!r} is not a readable torch file (corrupt: {(str(e).splitlines() or [''])[0]})") from e
+        raise ConfigError(f"{path!r} holds pickled objects, not data (e.g. torch.save(model) of a whole module), "
+                          f"and is not loaded because unpickling runs code: save it with cz.save_slim, or load "
+                          f"a state dict into the model yourself") from e
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{path!r} is not a readable torch file (truncated or corrupt: "
+                          f"{(str(e).splitlines() or [type(e).__name__])[0]}): write it again") from e
+    missing = [k for k in ("source", "shapes", "state_dict", "widths", "side", "channels")
+               if not isinstance(payload, dict) or k not in payload]
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or missing:
+        raise ConfigError(f"{path!r} is not a slim model written by compressor.save_slim"
+                          + (f" (missing {', '.join(missing)})" if isinstance(payload, dict) and
+                             payload.get("format") == FORMAT else ""))
+    return payload
+
+
+def _restore(model, payload):
+    """Give `model` the saved layer shapes, then load the saved tensors strictly."""
     for name, attrs in payload["shapes"].items():
         module = model.get_submodule(name)
         for attr, value in attrs.items():
+            if attr not in _SHAPE_ATTRS or type(value) is not int:  # the file sets layer sizes, nothing else
+                raise TypeError(f"shape entry {name}.{attr} = {value!r} is not a layer size")
             setattr(module, attr, value)
     # Give every tensor whose shape changed an empty tensor of the saved shape, then load.
     state = payload["state_dict"]
@@ -285,5 +337,3 @@ def load_slim(path: str) -> nn.Module:
             else:
                 owner._buffers[attr] = fresh
     model.load_state_dict(state, strict=True)
-    model.compressor_info = {k: payload[k] for k in ("widths", "side", "channels", "source")}
-    return model

@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from .distributed import rank_and_world
 from .errors import CompressorError, ConfigError
-from .files import atomic_torch_save, check_writable
+from .files import atomic_torch_save, check_writable, remove_temporaries
 from .losses import kd
 from .methods import get_method
+from .run_identity import check_same_run, run_identity, weights_hash
 from .supernet import Supernet
 
 log = logging.getLogger("compressor.train")
@@ -116,10 +117,25 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+RESUME_FIX = ("Use another folder (compress: out_dir; train_supernet: checkpoint_dir), or pass restart=True "
+              "(CLI: --restart) to discard the checkpoint and start over.")
+
+
+def _load_checkpoint(path, device):
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a torch file
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}). "
+                          + RESUME_FIX) from e
+    if not isinstance(state, dict) or not {"net", "step", "optimizer"} <= state.keys():
+        raise ConfigError(f"{path} is not a supernet checkpoint written by train_supernet. " + RESUME_FIX)
+    return state
+
+
 def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=None, steps=None, epochs=None,
                    batch_size=None, lr=0.01, momentum=0.9, weight_decay=4e-5, label_smoothing=0.1,
                    teacher: nn.Module = None, distill_weight=0.5, checkpoint_dir=None, checkpoint_every=200,
-                   seed=0, records_k=100, device=None, progress=True) -> TrainResult:
+                   seed=0, records_k=100, device=None, progress=True, identity=None, restart=False) -> TrainResult:
     """Train `net` (a cz.supernet) on `train_data` (a Dataset or DataLoader of (image, label)).
 
     `method`: a registered method's name (compressor.methods): "bcnet", left and right subnets of
@@ -128,7 +144,11 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
     (e.g. {"complementary": False} for bcnet, {"n_random": 2} for ua).
     `teacher`: a frozen model (usually the original) distilled into every subnet with weight
     `distill_weight`. Give `steps` or `epochs`. With `checkpoint_dir`, a checkpoint is written
-    atomically every `checkpoint_every` steps and at the end, and an existing one is resumed.
+    atomically every `checkpoint_every` steps and at the end, and an existing one is resumed when
+    it belongs to the same run: the same architecture, initial weights, data (length and sampled
+    items), options and `identity` (a dict of anything else that defines the run, e.g. compress()'s
+    budget); a checkpoint of another run raises ConfigError naming what differs, unless
+    `restart=True`, which discards it and starts over.
     """
     if not isinstance(net, Supernet):
         raise ConfigError(f"net must be a cz.supernet(...), got {type(net).__name__}")
@@ -158,18 +178,23 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     records = Records(records_k)
-    run_id = {"method": method, "steps": total, "seed": seed, "batch_size": batch_size, "world": world}
-    if options != spec.options():  # default options keep the run id (and older checkpoints) as they were
-        run_id["options"] = dataclasses.asdict(options)
-    start, path = 0, None
+    start, path, run_id = 0, None, None
     if checkpoint_dir:
         path = os.path.join(checkpoint_dir, CHECKPOINT)
         check_writable(checkpoint_dir, 3 * sum(t.numel() * t.element_size() for t in net.state_dict().values()))
-        if os.path.exists(path):
-            state = torch.load(path, map_location=device, weights_only=True)
-            if state["run"] != run_id:
-                raise ConfigError(f"{path} belongs to another run ({state['run']} vs {run_id}): "
-                                  "use another checkpoint_dir or delete the file to start over")
+        if rank == 0 and remove_temporaries(checkpoint_dir, CHECKPOINT):
+            log.info("removed the temporary files of an interrupted checkpoint write in %s", checkpoint_dir)
+        run_id = run_identity(net, dataset, method=spec.name, options=dataclasses.asdict(options), steps=total,
+                              seed=seed, batch_size=batch_size, world=world, lr=lr, momentum=momentum,
+                              weight_decay=weight_decay, label_smoothing=label_smoothing,
+                              distill_weight=distill_weight, records_k=records_k,
+                              teacher=weights_hash(teacher) if teacher is not None else None, **(identity or {}))
+        if restart and os.path.exists(path) and rank == 0:
+            os.remove(path)
+            log.info("restart: removed the checkpoint %s", path)
+        if os.path.exists(path) and not restart:
+            state = _load_checkpoint(path, device)
+            check_same_run(state.get("run") or {}, run_id, path, RESUME_FIX)
             net.load_state_dict(state["net"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])

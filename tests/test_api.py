@@ -50,12 +50,17 @@ def test_compress_writes_its_outputs(bcnet_run):
     assert report["meets_budget"] and report["widths"] == result.widths
     assert len(report["search"]["history"]) >= 8
     assert (out / "pareto.png").stat().st_size > 1000
-    loaded = cz.load_slim(str(out / "model.pt")).eval()
+    with pytest.raises(cz.ConfigError, match="conftest:TinyNet.*trust_source=True"):
+        cz.load_slim(str(out / "model.pt"))  # the tests' own class is not a known builder
+    loaded = cz.load_slim(str(out / "model.pt"), trust_source=True).eval()
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), result.model.eval()(x))
     assert os.path.isfile(result.paths["onnx"])
-    assert (out / "checkpoints" / "supernet-last.pt").exists()
+    assert not (out / "checkpoints").exists()  # removed after success (keep_checkpoints=False)
+    assert sorted(os.listdir(out)) == ["model.onnx", "model.pt", "pareto.png", "report.json"]
+    assert report["paths"] == {k: str(out / v) for k, v in [("model", "model.pt"), ("pareto", "pareto.png"),
+                                                           ("onnx", "model.onnx"), ("report", "report.json")]}
 
 
 def test_ua_baseline_runs_left_only(pretrained):
@@ -109,17 +114,26 @@ def test_cli_compress_and_export(tmp_path):
     factory.write_text(f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom conftest import TinyNet\n"
                        "def build():\n    return TinyNet(width=8)\n")
     cli = [sys.executable, "-m", "compressor.cli", "-q"]
-    run = subprocess.run(cli + ["compress", "--model", f"{factory}:build", "--data", str(tmp_path / "data"),
-                                "--budget", "flops<=50%", "--out", str(tmp_path / "out"), "--image-size", "16",
-                                "--supernet-epochs", "1", "--finetune-epochs", "0", "--batch-size", "32",
-                                "--effort", "0.1", "--lr", "0.02", "--conv-impl", "reference"], capture_output=True, text=True)
+    args = ["compress", "--model", f"{factory}:build", "--data", str(tmp_path / "data"), "--budget", "flops<=50%",
+            "--out", str(tmp_path / "out"), "--image-size", "16", "--supernet-epochs", "1", "--finetune-epochs", "0",
+            "--batch-size", "32", "--effort", "0.1", "--conv-impl", "reference", "--keep-checkpoints"]
+    run = subprocess.run(cli + args + ["--lr", "0.02"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    assert (tmp_path / "out" / "checkpoints").is_dir()
     summary = json.loads(run.stdout)
     assert summary["result"]["flops"] <= summary["limits"]["flops"] and "accuracy" in summary["result"]
     model_path = tmp_path / "out" / "model.pt"
     run = subprocess.run(cli + ["export", str(model_path), "--image-size", "16"], capture_output=True, text=True)
+    assert run.returncode == 2 and "--trust-source" in run.stderr  # its source is a .py file: not run by default
+    run = subprocess.run(cli + ["export", str(model_path), "--image-size", "16", "--trust-source"],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "out" / "model.onnx").exists()
+    rerun = subprocess.run(cli + args + ["--lr", "0.05"], capture_output=True, text=True)  # another run, same --out
+    assert rerun.returncode == 2 and "lr (0.02 then, 0.05 now)" in rerun.stderr and "--restart" in rerun.stderr
+    rerun = subprocess.run(cli + args + ["--lr", "0.05", "--restart"], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert not (tmp_path / "out" / "model.onnx").exists()  # the earlier export is not this run's: removed
     bad = subprocess.run(cli + ["compress", "--model", "torchvision:resnet1000", "--data", str(tmp_path),
                                 "--budget", "flops<=50%", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2 and "torchvision has no model 'resnet1000'" in bad.stderr

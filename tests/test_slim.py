@@ -310,3 +310,114 @@ def test_order_channels_rejects_an_unknown_layout():
     model = torchvision.models.resnet18(weights=None)
     with pytest.raises(cz.ConfigError, match="layout must be 'left' or 'both-ends'"):
         cz.order_channels(model, cz.analyze(model, X), layout="middle")
+
+
+@pytest.fixture(scope="module")
+def slim_file(tmp_path_factory):
+    """A real save_slim file of a slimmed torchvision ResNet-18 with 4 classes, and its model."""
+    model = with_real_statistics(torchvision.models.resnet18(num_classes=4))
+    space = cz.analyze(model, X)
+    small = cz.slim(model, space, space.uniform(0.5), "left").eval()
+    path = tmp_path_factory.mktemp("slim") / "model.pt"
+    cz.save_slim(small, str(path), source="torchvision:resnet18(num_classes=4)")
+    return path, small
+
+
+def test_load_slim_rebuilds_a_recorded_builder_with_its_arguments(slim_file):
+    path, small = slim_file
+    loaded = cz.load_slim(str(path)).eval()
+    assert loaded.fc.out_features == 4 and loaded.compressor_info["source"] == "torchvision:resnet18(num_classes=4)"
+    with torch.no_grad():
+        assert torch.equal(loaded(X), small(X))
+
+
+EVIL = """import pathlib
+pathlib.Path({marker!r}).write_text("code from a model file ran")
+import torchvision
+def build(**kwargs):
+    pathlib.Path({marker!r}).write_text("code from a model file ran")
+    return torchvision.models.resnet18(num_classes=4)
+"""
+
+
+@pytest.mark.parametrize("kind", ["file", "module"])
+def test_load_slim_runs_no_code_the_file_names_without_opt_in(slim_file, tmp_path, monkeypatch, kind):
+    path, small = slim_file
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evilmodels.py"
+    evil.write_text(EVIL.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(tmp_path))  # so that 'evilmodels:build' is importable
+    source = f"{evil}:build" if kind == "file" else "evilmodels:build"
+    payload = torch.load(path, weights_only=True)
+    payload["source"] = source
+    bad = tmp_path / "model.pt"
+    torch.save(payload, bad)
+    with pytest.raises(cz.ConfigError, match=f"names the source '{source}'.*trust_source=True"):
+        cz.load_slim(str(bad))
+    assert not marker.exists(), "load_slim ran code named by the file"
+    loaded = cz.load_slim(str(bad), trust_source=True).eval()  # the caller's explicit opt-in
+    assert marker.exists()
+    with torch.no_grad():
+        assert torch.equal(loaded(X), small(X))
+
+
+def test_load_slim_refuses_builder_arguments_that_are_not_shapes(slim_file, tmp_path):
+    payload = torch.load(slim_file[0], weights_only=True)
+    payload["source"] = "torchvision:resnet18(num_classes=4, weights='IMAGENET1K_V1')"  # would download
+    torch.save(payload, tmp_path / "m.pt")
+    with pytest.raises(cz.ConfigError, match="not a known builder"):
+        cz.load_slim(str(tmp_path / "m.pt"))
+    payload["source"] = "torchvision:resnet18(num_classes=__import__('os').getpid())"
+    torch.save(payload, tmp_path / "m.pt")
+    with pytest.raises(cz.ConfigError, match="malformed source"):
+        cz.load_slim(str(tmp_path / "m.pt"))
+
+
+def _truncated(path, good):
+    data = good.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _empty(path, good):
+    path.write_bytes(b"")
+
+
+def _directory(path, good):
+    path.mkdir()
+
+
+def _whole_module(path, good):
+    torch.save(torchvision.models.resnet18(num_classes=4), path)
+
+
+def _other_architecture(path, good):
+    payload = torch.load(good, weights_only=True)
+    payload["source"] = "torchvision:resnet34(num_classes=4)"  # the weights are a ResNet-18's
+    torch.save(payload, path)
+
+
+def _foreign_attribute(path, good):
+    payload = torch.load(good, weights_only=True)
+    payload["shapes"]["fc"]["training"] = True  # a file may set layer sizes only
+    torch.save(payload, path)
+
+
+def _plain_state_dict(path, good):
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), path)
+
+
+@pytest.mark.parametrize("make, problem", [
+    (_truncated, "not a readable torch file"),
+    (_empty, "is empty"),
+    (_directory, "is a directory"),
+    (_whole_module, "pickled objects.*save_slim"),
+    (_other_architecture, r"does not fit the architecture it names \('torchvision:resnet34"),
+    (_foreign_attribute, r"does not fit .*fc.training = True is not a layer size"),
+    (_plain_state_dict, "not a slim model written by compressor.save_slim"),
+])
+def test_load_slim_bad_files_raise_one_clear_error(slim_file, tmp_path, make, problem):
+    path = tmp_path / "model.pt"
+    make(path, slim_file[0])
+    with pytest.raises(cz.ConfigError, match=problem) as error:
+        cz.load_slim(str(path))
+    assert str(path) in str(error.value)

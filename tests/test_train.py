@@ -233,3 +233,54 @@ def test_unwritable_or_full_output_folder_fails_before_training(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # nothing trained
     with pytest.raises(cz.ConfigError, match="MB free"):
         _check_writable(str(tmp_path), needed_bytes=1 << 62)
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
+    def train(seed=0, data=None, lr=0.01, restart=False, width=16):
+        torch.manual_seed(seed)
+        model = TinyNet(width=width)
+        net = cz.supernet(model, cz.analyze(model, X, bins=8, divisor=1))
+        cz.train_supernet(net, data or quadrant_data(64), steps=2, batch_size=16, lr=lr, checkpoint_dir=str(tmp_path),
+                          restart=restart, progress=False)
+        return model
+
+    first = train()
+    leftover = tmp_path / f".{CHECKPOINT}.0123abcd.tmp"  # what a kill inside atomic_torch_save leaves
+    leftover.write_bytes(b"half a checkpoint")
+    for kwargs, differ in [({"seed": 1}, "the model weights differ"),
+                           ({"width": 8}, "the model architecture, the model weights differ"),
+                           ({"data": quadrant_data(64, seed=5)}, "the training data differ"),
+                           ({"lr": 0.1}, r"lr \(0.01 then, 0.1 now\) differ")]:
+        with pytest.raises(cz.ConfigError, match=f"checkpoint of another run: {differ}.*restart=True"):
+            train(**kwargs)
+    assert not leftover.exists()  # cleaned on the next start
+    again = train()  # the same run resumes at its last step: the same weights, 0 steps
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in first.state_dict().items())
+    other = train(lr=0.1, restart=True)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["run"]["lr"] == 0.1
+    assert not all(torch.equal(other.state_dict()[k], v) for k, v in first.state_dict().items())
+    (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(cz.ConfigError, match="not a readable checkpoint.*restart=True"):
+        train()
+
+
+def test_data_identity_ignores_random_augmentation_and_keeps_the_rng():
+    from compressor.run_identity import data_hash
+
+    class Augmented(torch.utils.data.Dataset):
+        def __init__(self, data):
+            self.data = data
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, i):
+            x, y = self.data[i]
+            return x + torch.randn_like(x), y
+
+    data = Augmented(quadrant_data(64))
+    torch.manual_seed(3)
+    expected = torch.rand(1)
+    torch.manual_seed(3)
+    assert data_hash(data) == data_hash(data) != data_hash(Augmented(quadrant_data(64, seed=1)))
+    assert torch.equal(torch.rand(1), expected)  # the caller's random stream is untouched

@@ -26,9 +26,9 @@ def parse_shape(text):
 
 
 def bench_file(path, target="ort-cpu", batch=None, input_shape=None, threads=1, warmup=10,
-               reps=100) -> Measurement:
+               reps=100, trust_source=False) -> Measurement:
     """Time `path` on `target`. `input_shape` is the full shape with the batch first; `batch`
-    overrides its first dim (default 1, or the shape's)."""
+    overrides its first dim (default 1, or the shape's). `trust_source`: see cz.load_slim."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path!r} does not exist")
     if input_shape is not None and batch is not None and input_shape[0] != batch:
@@ -49,7 +49,7 @@ def bench_file(path, target="ort-cpu", batch=None, input_shape=None, threads=1, 
             raise ConfigError(f"an .engine file runs on its TensorRT target (trt-fp32/fp16/int8), not {target!r}")
         m = _bench_engine(path, batch, sample or DEFAULT_SHAPE, warmup, reps)
     elif ext == ".pt":
-        m = _bench_slim(path, target, batch, sample or DEFAULT_SHAPE, threads, warmup, reps)
+        m = _bench_slim(path, target, batch, sample or DEFAULT_SHAPE, threads, warmup, reps, trust_source)
     else:
         raise ConfigError(f"cannot bench {path!r}: expected a .pt (save_slim), .onnx or .engine file")
     m.info.update(file=os.path.abspath(path), target=target)
@@ -66,8 +66,8 @@ def _bench_engine(path, batch, sample, warmup, reps):
     return m
 
 
-def _bench_slim(path, target, batch, sample, threads, warmup, reps):
+def _bench_slim(path, target, batch, sample, threads, warmup, reps, trust_source=False):
     from ..slim import load_slim
     from .targets import Target, runtime
     t = Target(target, batch=batch, input_shape=sample, threads=threads, warmup=warmup, reps=reps)
-    return runtime(t).measure(load_slim(path), t.example(), what=path)
+    return runtime(t).measure(load_slim(path, trust_source=trust_source), t.example(), what=path)
