@@ -137,3 +137,30 @@ def test_cli_compress_and_export(tmp_path):
     bad = subprocess.run(cli + ["compress", "--model", "torchvision:resnet1000", "--data", str(tmp_path),
                                 "--budget", "flops<=50%", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2 and "torchvision has no model 'resnet1000'" in bad.stderr
+
+
+def _conv_weights(model):
+    return [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+@pytest.mark.parametrize("inherit", ["original", "supernet", "best"])
+def test_inherit_picks_where_the_slim_weights_come_from(pretrained, inherit):
+    """Ordered by Taylor importance, the slim model's convolutions are either a slice of the ordered
+    original (inherit="original") or of the trained supernet; "best" names the one it took."""
+    result = cz.compress(pretrained, "flops<=50%", quadrant_data(256), None, supernet_epochs=2, finetune_epochs=0,
+                         batch_size=32, effort=0.1, bins=10, divisor=1, lr=0.05, inherit=inherit, progress=False)
+    from compressor.data import train_val_split
+    from compressor.finetune import loader
+    from compressor.slim import channel_importance
+    space = cz.analyze(pretrained, torch.randn(1, 3, 16, 16), bins=10, divisor=1)
+    with torch.random.fork_rng(devices=[]):  # the importance compress computed: same seed, same batches
+        torch.manual_seed(0)
+        fit, _ = train_val_split(quadrant_data(256), 0.1, 0)
+        importance = channel_importance(pretrained, space, "taylor", loader(fit, 32, shuffle=True, seed=0))
+    ordered = cz.order_channels(pretrained, space, importance=importance)
+    sliced = cz.slim(ordered, space, result.widths, result.side)
+    same = all(torch.equal(a, b) for a, b in zip(_conv_weights(result.model), _conv_weights(sliced)))
+    if inherit != "best":
+        assert result.search["inherited"] == inherit
+    assert result.search["inherited"] in ("original", "supernet")
+    assert same == (result.search["inherited"] == "original")

@@ -421,3 +421,33 @@ def test_load_slim_bad_files_raise_one_clear_error(slim_file, tmp_path, make, pr
     with pytest.raises(cz.ConfigError, match=problem) as error:
         cz.load_slim(str(path))
     assert str(path) in str(error.value)
+
+
+def test_taylor_importance_is_the_first_order_loss_change_per_channel():
+    """One group (the first conv's outputs with its BN and the second conv's inputs): each layer's
+    |w * dL/dw| summed per channel, divided by the layer's mean, summed over the layers."""
+    import numpy as np
+    from torch import nn
+
+    from compressor.slim import channel_importance
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    data = [(torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))) for _ in range(3)]
+    space = cz.analyze(model, torch.randn(1, 3, 8, 8), divisor=1)
+    got = channel_importance(model, space, "taylor", data, batches=2)[0]
+    reference = copy.deepcopy(model).train()
+    for x, y in data[:2]:
+        nn.functional.cross_entropy(reference(x), y).backward()
+    parts = [(reference[0].weight, (1, 2, 3)), (reference[1].weight, ()), (reference[3].weight, (0, 2, 3))]
+    expected = 0
+    for w, dims in parts:
+        t = (w * w.grad).abs()
+        t = t.sum(dims) if dims else t
+        expected = expected + t / t.mean()
+    assert np.allclose(got, expected.detach().numpy(), rtol=1e-5)
+    assert not np.allclose(got, channel_importance(model, space)[0])  # not the magnitude criterion
+    with pytest.raises(cz.ConfigError, match="needs data"):
+        channel_importance(model, space, "taylor")
+    with pytest.raises(cz.ConfigError, match="'l1' or 'taylor'"):
+        channel_importance(model, space, "hessian")
