@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import os
@@ -116,7 +117,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
              finetune_lr=0.01, distill=True, effort=0.25, search_fraction=0.1, calib_batches=20, bins=20,
              divisor="auto", exclude=(), device=None, out_dir=None, seed=0, export=(), progress=True,
              latency_options=None, conv_impl="auto", channel_order="taylor", score_metric="top1",
-             seed_population=True, inherit="best", sides=None, source=None, restart=False,
+             seed_population=True, inherit="best", sides=None, final_batches=0, source=None, restart=False,
              keep_checkpoints=False) -> CompressionResult:
     """Compress a pretrained `model` to meet `budget` (e.g. "flops<=50%" or "flops<=50%,params<=2M").
 
@@ -144,6 +145,9 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     slim model's weights come from: "supernet" (the trained supernet), "original" (the model before
     supernet training, in the same channel order) or "best" (whichever scores better on the held-out
     split for the chosen configuration). `sides`: the paths the search scores (None: the method's).
+    `final_batches`: the search's finalists (its top-k and the seeded configurations) are scored
+    again on that many training batches it did not select on, and the best is kept (0: no second
+    look).
     The user's model is never modified.
 
     With `out_dir`: the architecture must be nameable for model.pt (`source`, e.g.
@@ -214,12 +218,14 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
         epochs=supernet_epochs, batch_size=batch_size, lr=lr, effort=effort, calib_batches=calib_batches,
         conv_impl=conv_impl, checkpoint_dir=os.path.join(out_dir, outputs.CHECKPOINTS) if out_dir else None,
         seed=seed, progress=progress, score_metric=score_metric, inherit=inherit, sides=sides, restart=restart,
+        final_batches=final_batches,
         # the user's weights define the run (the ordered copy follows from them and the data)
         identity=dict(weights=weights_hash(model), budget=str(budget), supernet_epochs=supernet_epochs, finetune_epochs=finetune_epochs,
                       finetune_lr=finetune_lr, distill=distill, effort=effort, search_fraction=search_fraction,
                       calib_batches=calib_batches, bins=bins, divisor=divisor, exclude=exclude,
                       channel_order=channel_order, conv_impl=conv_impl, latency_options=latency_options,
-                      score_metric=score_metric, seed_population=seed_population, inherit=inherit, sides=sides),
+                      score_metric=score_metric, seed_population=seed_population, inherit=inherit, sides=sides,
+                      final_batches=final_batches),
         seeds=[uniform_baseline(space, budget), importance_baseline(space, importance, budget)]
         if seed_population else []))
     small, found, attempts = fitted.model, fitted.found, fitted.attempts
@@ -280,7 +286,8 @@ def _fit_supernet(ctx: FitContext) -> Fitted:
         found = ctx.method.searcher(net, search_budget, calib, scoring, records=trained.records, effort=ctx.effort,
                                     seed=ctx.seed, calib_batches=ctx.calib_batches,
                                     sides=ctx.sides or ctx.method.sides, progress=ctx.progress,
-                                    metric=ctx.score_metric, seeds=ctx.seeds)
+                                    metric=ctx.score_metric, seeds=ctx.seeds,
+                                    final_data=_second_look(calib, ctx.calib_batches, ctx.final_batches))
         source, found.inherited = _inheritance(net, untrained, found, ctx.inherit, calib, scoring,
                                                ctx.calib_batches, ctx.score_metric)
         # the slim model inherits BN statistics calibrated for its configuration
@@ -295,6 +302,26 @@ def _fit_supernet(ctx: FitContext) -> Fitted:
             break
     timings["search_s"] = time.time() - t
     return Fitted(small, found, attempts, timings)
+
+
+class Batches:
+    """Batches start..stop of a loader, as a re-iterable (each pass the same batches when the loader
+    yields the same ones): the search's second look uses training batches past the BN calibration's."""
+
+    def __init__(self, data, start, stop):
+        self.data, self.start, self.stop = data, start, stop
+
+    def __iter__(self):
+        return itertools.islice(iter(self.data), self.start, self.stop)
+
+
+def _second_look(calib, calib_batches, final_batches):
+    """The batches for the search's second look: those after the calibration batches (from the start
+    when the data has no more), or None when final_batches is 0."""
+    if not final_batches:
+        return None
+    start = calib_batches if len(calib) > calib_batches else 0
+    return Batches(calib, start, start + final_batches)
 
 
 def _inheritance(net, untrained, found, inherit, calib, scoring, calib_batches, metric):

@@ -128,6 +128,15 @@ def score(net: Supernet, cfg, side: str, val_data, calib_data, *, calib_batches:
     return float(counts[0] / counts[1])
 
 
+def same_draws(fn, *args, seed=0, **kwargs):
+    """fn(*args, **kwargs) with torch's CPU random generator reset to `seed` and restored after:
+    every candidate sees the same random augmentations of its batches (common random numbers), so
+    score differences are the candidates', not the draws'."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn(*args, **kwargs)
+
+
 # -- constraints ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Bound:
@@ -327,6 +336,7 @@ class SearchResult:
     limits: dict
     history: list = field(repr=False)  # [Evaluated], every candidate in evaluation order
     inherited: str = "supernet"  # where compress() took the slim model's weights from
+    finalists: list = field(default_factory=list)  # [{"cfg", "fitness"}]: the re-scored finalists, if any
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -395,7 +405,8 @@ def _children(count, make, bounds, evaluated, rng) -> list:
 
 def search(net: Supernet, budget, train_data, val_data, *, records=None, effort: float = 1.0,
            window=(0.8, 1.0), seed: int = 0, calib_batches: int = 20, max_val_batches: int | None = None,
-           sides=("left", "right"), progress: bool = True, metric: str = "top1", seeds=()) -> SearchResult:
+           sides=("left", "right"), progress: bool = True, metric: str = "top1", seeds=(),
+           final_data=None) -> SearchResult:
     """Evolutionary width search on a trained supernet (METHOD section 6).
 
     `budget`: a Budget or a string such as "flops<=50%,params<=2M". `train_data` supplies the BN
@@ -407,7 +418,10 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
     supernet, whose right paths were never trained); the result's side is the better one of the
     best configuration. A side not scored is recorded as NaN. `metric`: score's "top1" or "loss".
     `seeds`: configurations placed in the initial population (when feasible), e.g. the uniform and
-    the global-importance ones, so the result scores at least as well as they do.
+    the global-importance ones, so the result scores at least as well as they do. `final_data`:
+    batches the search never selected on; when given, the final top-k and the feasible seeds are
+    scored again on them and the best of those is the result. The maximum of many noisy held-out
+    scores overestimates its candidate (the winner's curse); an independent second look does not.
     """
     if not sides or any(side not in ("left", "right") for side in sides):
         raise ConfigError(f"sides must be a non-empty subset of ('left', 'right'), got {sides!r}")
@@ -437,8 +451,8 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
     history = []
 
     def evaluate(cfg, generation):
-        left, right = (score(net, cfg, side, val_data, train_data, calib_batches=calib_batches,
-                             max_batches=max_val_batches, metric=metric) if side in sides else float("nan")
+        left, right = (same_draws(score, net, cfg, side, val_data, train_data, calib_batches=calib_batches,
+                                  max_batches=max_val_batches, metric=metric) if side in sides else float("nan")
                        for side in ("left", "right"))
         evaluated[cfg] = (left, right)
         history.append(Evaluated(cfg, left, right, float(space.flops(cfg)), float(space.params(cfg)), generation))
@@ -473,14 +487,35 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
         log.debug("generation %d: %d new candidates, best %.4f %s", generation, len(candidates),
                   fitness(top[0]), top[0])
 
-    best = top[0]
+    best, finalists = top[0], []
+    if final_data is not None:
+        best, finalists = _final_choice(net, top, seeds, sides, bounds, final_data, train_data, calib_batches,
+                                        metric)
     left, right = evaluated[best]
     result = SearchResult(
         cfg=best, side="right" if "left" not in sides or right > left else "left", score_left=left, score_right=right,
         score=fitness(best), costs={"flops": float(space.flops(best)), "params": float(space.params(best))},
         limits={b.metric: b.limit for b in bounds},
-        history=history)
+        history=history, finalists=finalists)
     log.info("best %s (%s side): score %.4f (left %.4f, right %.4f), %s, %s; %d candidates scored",
              best, result.side, result.score, left, right, human("flops", result.costs["flops"]),
              human("params", result.costs["params"]), len(history))
     return result
+
+
+def _final_choice(net, top, seeds, sides, bounds, final_data, calib_data, calib_batches, metric):
+    """(the best of the finalists on `final_data`, [{"cfg", "fitness"}]): the finalists are the
+    search's top-k and its feasible seeds (canonical, without repeats)."""
+    space = net.space
+    canon, rows = canonical_bins(space), np.arange(len(space))
+    finalists = list(dict.fromkeys(list(top) + [
+        tuple(int(c) for c in canon[rows, np.asarray(space.check(cfg))]) for cfg in seeds
+        if _feasible(bounds, np.asarray([space.check(cfg)]))[0]]))
+    scored = [{"cfg": list(cfg), "fitness": sum(same_draws(score, net, cfg, side, final_data, calib_data,
+                                                            calib_batches=calib_batches, metric=metric)
+                                                 for side in sides) / len(sides)}
+              for cfg in finalists]
+    best = max(range(len(finalists)), key=lambda i: scored[i]["fitness"])  # ties keep the search's order
+    log.info("final choice on independent batches: %s, fitness %.4f (the search's best: %.4f)",
+             finalists[best], scored[best]["fitness"], scored[0]["fitness"])
+    return finalists[best], scored

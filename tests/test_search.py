@@ -396,3 +396,19 @@ def test_importance_baseline_keeps_the_channels_above_one_threshold(trained, bud
         assert k <= above
         wider = [int(w) for w in space.width_table[g, 1:] if k < w <= above]
         assert not wider  # a wider allowed bin would still keep only channels above the threshold
+
+
+def test_a_second_look_chooses_among_the_top_and_the_seeds_on_other_batches(trained, net):
+    _, space, calib, val = trained
+    seed_cfg = uniform_baseline(space, "flops<=60%")
+    final = DataLoader(make_data(128, seed=4), batch_size=32)
+    found = search(net, "flops<=60%", calib, val, effort=0.1, calib_batches=2, progress=False, seeds=[seed_cfg],
+                   final_data=final)
+    cfgs = [tuple(f["cfg"]) for f in found.finalists]
+    assert seed_cfg in cfgs and len(cfgs) == len(set(cfgs)) >= 3
+    best = max(found.finalists, key=lambda f: f["fitness"])
+    assert tuple(best["cfg"]) == found.cfg
+    # each finalist's fitness is its mean score over both sides on the final batches
+    f = found.finalists[-1]
+    expected = sum(score(net, tuple(f["cfg"]), side, final, calib, calib_batches=2) for side in ("left", "right")) / 2
+    assert f["fitness"] == pytest.approx(expected, abs=1e-9)
