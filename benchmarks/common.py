@@ -8,7 +8,7 @@ import sys
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def _commit() -> str:
+def commit() -> str:
     """The checkout's commit, with '+changes' when the tree differs from it (None outside git)."""
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
@@ -41,7 +41,7 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),  # timings on this shared 2-core machine depend on it
         "date": datetime.date.today().isoformat(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "commit": _commit(),
+        "commit": commit(),
     }
 
 

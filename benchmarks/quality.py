@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from common import RESULTS, machine_info, write_result
+from common import RESULTS, commit, machine_info, write_result
 
 SETTINGS = {  # train/test images (None: all), epochs, compress's search effort and BN batches, batch size
     "quick": dict(train=2000, test=1000, supernet_epochs=1.0, finetune_epochs=1.0, effort=0.05,
@@ -189,6 +189,7 @@ def main():
                              f"pass --tag to keep both, or --fresh to start over")
         rows = saved["rows"]
     done = {(r["budget"], r["seed"], r["row"], r["mode"]) for r in rows}
+    code = commit()  # per row: a resumed file may hold rows of several commits
 
     def save():
         return write_result(name, {"run": run, "rows": rows, "machine": machine_info(),
@@ -209,7 +210,7 @@ def main():
             model = model.to(device).eval()
             rows.append(dict(budget=budget, seed=seed, row=row, mode=mode, accuracy=accuracy(model, test),
                              flops=cz.measure_flops(model.cpu(), x), params=cz.count_params(model),
-                             seconds=round(seconds, 1), **extra))
+                             seconds=round(seconds, 1), commit=code, **extra))
             print(json.dumps(rows[-1]), flush=True)
             save()
 
