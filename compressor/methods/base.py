@@ -101,6 +101,9 @@ class FitContext:
     seeds: list = dataclasses.field(default_factory=list)  # configurations in the initial population
     restart: bool = False       # discard a checkpoint of another run instead of refusing it
     identity: dict = dataclasses.field(default_factory=dict)  # what else defines the run (for resume)
+    output_fn: Any = None       # picks the logits from a model output that is not a tensor
+    batches: Any = None         # how to batch train_data/held_out (validate.LoaderOptions: the user's
+                                # DataLoader settings or compress's batch_size); None: batch_size
 
 
 @dataclass
