@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from .errors import ConfigError
 from .progress import Progress
-from .validate import check_labels, logits, read_batches
+from .batches import check_labels, logits, read_batches
 
 log = logging.getLogger("compressor.finetune")
 

@@ -16,7 +16,7 @@ from .errors import ConfigError, InfeasibleBudgetError
 from .progress import Progress
 from .space import WidthSpace
 from .supernet import Supernet
-from .validate import check_labels, logits, read_batches
+from .batches import check_labels, logits, read_batches
 
 log = logging.getLogger("compressor.search")
 

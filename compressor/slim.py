@@ -19,7 +19,7 @@ from .groups import layer_kind
 from .models import PROJECT_BUILDERS, is_known_builder, load_model
 from .space import WidthSpace, check_side
 from .supernet import Supernet, check_space
-from .validate import logits, read_batches
+from .batches import logits, read_batches
 
 FORMAT = "compressor-slim-1"
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features")

@@ -28,7 +28,7 @@ from .methods import get_method
 from .progress import Progress
 from .run_identity import check_same_run, run_identity, weights_hash
 from .supernet import Supernet
-from .validate import check_labels, logits, read_batches
+from .batches import check_labels, logits, read_batches
 
 log = logging.getLogger("compressor.train")
 CHECKPOINT = "supernet-last.pt"
