@@ -28,12 +28,14 @@ from . import outputs
 from .methods import FitContext, Fitted, get_method
 from .models import name_architecture, unwrap
 from .run_identity import weights_hash
-from .search import constraints, human, importance_baseline, recalibrate_bn, score, uniform_baseline
+from .search import (constraints, human, importance_baseline, recalibrate_bn, same_draws, score,
+                     uniform_baseline)
 from .slim import channel_importance, order_channels, save_slim, slim
-from .space import analyze, check_model
+from .space import analyze
 from .supernet import supernet
 from .timing import cpu_latency_ms
 from .train import train_supernet
+from .validate import check_inputs, check_split
 
 log = logging.getLogger("compressor")
 # compress(channel_order=...): (importance criterion, the layout order_channels gives each group);
@@ -118,11 +120,18 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
              divisor="auto", exclude=(), device=None, out_dir=None, seed=0, export=(), progress=True,
              latency_options=None, conv_impl="auto", channel_order="taylor", score_metric="top1",
              seed_population=True, inherit="best", sides=None, final_batches=0, source=None, restart=False,
-             keep_checkpoints=False) -> CompressionResult:
+             keep_checkpoints=False, output_fn=None) -> CompressionResult:
     """Compress a pretrained `model` to meet `budget` (e.g. "flops<=50%" or "flops<=50%,params<=2M").
 
-    `train_data` is a Dataset of (image, label); a `search_fraction` of it is held out to score
-    candidates. `val_data` (optional) measures the accuracy of the original and the result.
+    `train_data` is a Dataset of (image, label) or a DataLoader (its batch size, workers and
+    collate function are used; compress orders the batches itself, so its sampler is not); a
+    `search_fraction` of the dataset, stratified by label, is held out to score candidates and
+    batched the same way. `val_data` (optional, a Dataset or DataLoader) measures the accuracy of
+    the original and the result. Costs (FLOPs, params, latency) are per sample: only the first
+    sample of a batched `example_input` (default: the first training image) is used. `output_fn`
+    picks the logits from a model output that is not a tensor, wherever it is used (e.g.
+    `lambda out: out.logits` for GoogLeNet or Inception, which return aux logits in train mode).
+    Everything that can be checked before training is (README: "What compress() checks").
     `method` is a registered method (compressor.methods.METHODS): "bcnet" or the "ua" baseline;
     `method_options` a dict of its options ({"complementary": False}, {"n_random": 3}). `effort`
     scales the evolutionary search (1.0 = the paper's 50 x 40). A latency budget
@@ -161,7 +170,6 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     """
     t_start = time.time()
     model = unwrap(model)
-    check_model(model, example_input if example_input is not None else torch.zeros(1))
     budget = parse_budget(budget)
     spec = get_method(method)
     options = spec.parse_options(method_options)
@@ -175,19 +183,24 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
             raise ConfigError(f"unknown export format {fmt!r}: use onnx, trt-fp32, trt-fp16 or trt-int8")
     if export and not out_dir:
         raise ConfigError("export needs out_dir: the artifacts are written there")
-    if train_data is None or len(train_data) == 0:
-        raise ConfigError("train_data is empty: compress needs the user's training data")
-    if example_input is None:
-        example_input = train_data[0][0].unsqueeze(0)
+    # data, model outputs, labels, device and options: every check that needs no training
+    inputs = check_inputs(model, train_data, val_data, example_input=example_input, batch_size=batch_size,
+                          device=device, output_fn=output_fn, latency_options=latency_options,
+                          search_fraction=search_fraction)
+    train_data, val_data, example_input, device = inputs.train, inputs.val, inputs.example, inputs.device
+    batches, batch_size = inputs.options, inputs.options.batch_size
+    fit_data, held_out = train_val_split(train_data, search_fraction, seed, labels=inputs.labels)
+    check_split(fit_data, held_out, batches, search_fraction)
     if out_dir:
         check_writable(out_dir, 50 * 1024 * 1024)
         source = name_architecture(model, source)  # model.pt must be writable: fail before any training
         outputs.prepare(out_dir)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     original = copy.deepcopy(model).to(device).eval()  # the frozen reference (and distillation teacher)
     work = copy.deepcopy(model).to(device)
-    timings = {}
+    timings, before = {}, {}
+    if val_data is not None:  # first: a bad label or file in val_data fails here, not after fine-tuning
+        before["accuracy"] = accuracy(original, inputs.val_loader, output_fn=output_fn)
     t = time.time()
     space = analyze(work, example_input.to(device), bins=bins, divisor=divisor, exclude=exclude)
     timings["analyze_s"] = time.time() - t
@@ -201,14 +214,13 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     log.info("%d channel groups (%d frozen); budget %s", len(space), len(space.frozen),
              ", ".join(f"{b.text}: {human(b.metric, b.limit)}" for b in bounds))
 
-    fit_data, held_out = train_val_split(train_data, search_fraction, seed)
     importance = None
     if channel_order != "none" or seed_population:
         criterion, layout = CHANNEL_ORDERS[channel_order] or ("l1", None)
         with torch.random.fork_rng(devices=[]):  # the same batches and augmentations on every run of this seed
             torch.manual_seed(seed)
-            importance = channel_importance(work, space, criterion, loader(fit_data, batch_size, shuffle=True,
-                                                                           seed=seed))
+            importance = channel_importance(work, space, criterion, batches.loader(fit_data, shuffle=True, seed=seed),
+                                            output_fn=output_fn)
     if channel_order != "none":
         work = order_channels(work, space, layout=layout, importance=importance)
     fit = spec.fit or _fit_supernet  # a method that is not a supernet replaces the whole step
@@ -218,7 +230,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
         epochs=supernet_epochs, batch_size=batch_size, lr=lr, effort=effort, calib_batches=calib_batches,
         conv_impl=conv_impl, checkpoint_dir=os.path.join(out_dir, outputs.CHECKPOINTS) if out_dir else None,
         seed=seed, progress=progress, score_metric=score_metric, inherit=inherit, sides=sides, restart=restart,
-        final_batches=final_batches,
+        final_batches=final_batches, output_fn=output_fn, batches=batches,
         # the user's weights define the run (the ordered copy follows from them and the data)
         identity=dict(weights=weights_hash(model), budget=str(budget), supernet_epochs=supernet_epochs, finetune_epochs=finetune_epochs,
                       finetune_lr=finetune_lr, distill=distill, effort=effort, search_fraction=search_fraction,
@@ -232,13 +244,13 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     timings.update(fitted.timings)
     t = time.time()
     # the held-out split has done its job (ranking candidates): fine-tune on all the training data
-    finetune(small, train_data, epochs=finetune_epochs, batch_size=batch_size, lr=finetune_lr,
-             teacher=original if distill else None, seed=seed, progress=progress)
+    finetune(small, batches.loader(train_data, shuffle=True, seed=seed), epochs=finetune_epochs, lr=finetune_lr,
+             teacher=original if distill else None, seed=seed, progress=progress, output_fn=output_fn)
     timings["finetune_s"] = time.time() - t
 
     x = example_input.to(device)
     measured = {"flops": measure_flops(small.eval(), x), "params": count_params(small)}
-    before = {"flops": measure_flops(original, x), "params": count_params(original)}
+    before.update(flops=measure_flops(original, x), params=count_params(original))
     if device.type == "cpu":
         before["latency_ms"] = cpu_latency_ms(original, x)
         measured["latency_ms"] = cpu_latency_ms(small, x)
@@ -248,8 +260,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
         measured["latency"] = attempts[-1]["measured_us"]
         measured["latency_predicted"] = attempts[-1]["predicted_us"]
     if val_data is not None:
-        before["accuracy"] = accuracy(original, val_data)
-        measured["accuracy"] = accuracy(small, val_data)
+        measured["accuracy"] = accuracy(small, inputs.val_loader, output_fn=output_fn)
     timings["total_s"] = time.time() - t_start
 
     result = CompressionResult(
@@ -273,23 +284,24 @@ def _fit_supernet(ctx: FitContext) -> Fitted:
     untrained = copy.deepcopy(ctx.model) if ctx.inherit != "supernet" else None  # training changes ctx.model
     net = supernet(ctx.model, space, impl=ctx.conv_impl)
     t = time.time()
-    trained = train_supernet(net, ctx.train_data, method=ctx.method, method_options=ctx.options, epochs=ctx.epochs,
-                             batch_size=ctx.batch_size, lr=ctx.lr, teacher=ctx.teacher, seed=ctx.seed,
-                             progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir, restart=ctx.restart,
-                             identity=ctx.identity)
+    batched = (lambda data: ctx.batches.loader(data)) if ctx.batches else (lambda data: loader(data, ctx.batch_size))
+    trained = train_supernet(net, batched(ctx.train_data), method=ctx.method, method_options=ctx.options,
+                             epochs=ctx.epochs, batch_size=ctx.batch_size, lr=ctx.lr, teacher=ctx.teacher,
+                             seed=ctx.seed, progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir,
+                             restart=ctx.restart, identity=ctx.identity, output_fn=ctx.output_fn)
     timings["supernet_s"] = time.time() - t
 
     t = time.time()
-    calib, scoring = loader(ctx.train_data, ctx.batch_size), loader(ctx.held_out, ctx.batch_size)
+    calib, scoring = batched(ctx.train_data), batched(ctx.held_out)
     search_budget, attempts = ctx.budget, []
     while True:
         found = ctx.method.searcher(net, search_budget, calib, scoring, records=trained.records, effort=ctx.effort,
                                     seed=ctx.seed, calib_batches=ctx.calib_batches,
                                     sides=ctx.sides or ctx.method.sides, progress=ctx.progress,
-                                    metric=ctx.score_metric, seeds=ctx.seeds,
+                                    metric=ctx.score_metric, seeds=ctx.seeds, output_fn=ctx.output_fn,
                                     final_data=_second_look(calib, ctx.calib_batches, ctx.final_batches))
         source, found.inherited = _inheritance(net, untrained, found, ctx.inherit, calib, scoring,
-                                               ctx.calib_batches, ctx.score_metric)
+                                               ctx.calib_batches, ctx.score_metric, ctx.output_fn)
         # the slim model inherits BN statistics calibrated for its configuration
         recalibrate_bn(source, found.cfg, found.side, calib, batches=ctx.calib_batches)
         source.full()
@@ -324,7 +336,7 @@ def _second_look(calib, calib_batches, final_batches):
     return Batches(calib, start, start + final_batches)
 
 
-def _inheritance(net, untrained, found, inherit, calib, scoring, calib_batches, metric):
+def _inheritance(net, untrained, found, inherit, calib, scoring, calib_batches, metric, output_fn=None):
     """(the supernet to slim from, its name): the trained supernet, or one over the weights before
     supernet training; with "best", the one whose held-out score of the chosen configuration and
     side is higher (ties keep the trained supernet)."""
@@ -333,7 +345,8 @@ def _inheritance(net, untrained, found, inherit, calib, scoring, calib_batches, 
     before = supernet(untrained, net.space, impl=net.impl)
     if inherit == "original":
         return before, "original"
-    kept = score(before, found.cfg, found.side, scoring, calib, calib_batches=calib_batches, metric=metric)
+    kept = same_draws(score, before, found.cfg, found.side, scoring, calib, calib_batches=calib_batches,
+                      metric=metric, output_fn=output_fn)  # the draws the search scored the candidate with
     trained = found.score_left if found.side == "left" else found.score_right
     log.info("weights for the slim model: supernet scores %.4f, before supernet training %.4f", trained, kept)
     return (before, "original") if kept > trained else (net, "supernet")

@@ -97,6 +97,7 @@ def cmd_export(args):
     x = torch.randn(1, 3, args.image_size, args.image_size)
     calib = image_folder(args.calib_data, args.image_size) if args.calib_data else None
     out = args.out or os.path.splitext(args.model)[0] + (".onnx" if args.format == "onnx" else f"-{args.precision}.engine")
+    _check_folder_writable(out)
     meta = {k: json.dumps(v) for k, v in model.compressor_info.items()}
     written = export_file(model, x, out, fmt=args.format, precision=args.precision, calib_data=calib, metadata=meta)
     print("wrote", written)
@@ -113,12 +114,43 @@ def cmd_bench(args):
     print(f"{args.model} on {args.target}, batch {m.batch}: p50 {report['p50_ms']:.3f} ms, p90 {report['p90_ms']:.3f} ms, "
           f"p99 {report['p99_ms']:.3f} ms, {m.throughput:.1f} samples/s" + (" (unstable timing)" if m.unstable else ""))
     if args.json:
+        _check_folder_writable(args.json)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
 
 
 TRUST_HELP = ("rebuild a model.pt whose source is a .py file or module:callable (runs that code); by default "
               "only torchvision, timm and compressor builders are rebuilt")
+
+# arguments that must be positive integers, and the one that may be zero
+_POSITIVE = ("image_size", "batch", "batch_size", "bins", "divisor", "reps", "threads")
+
+
+def check_args(args):
+    """Numeric arguments argparse lets through: --image-size 0, --batch 0, ... (ConfigError)."""
+    for name in _POSITIVE + ("warmup",):
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value < (0 if name == "warmup" else 1):  # divisor may be "auto"
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} must be {'>= 0' if name == 'warmup' else 'a positive integer'}, got {value}")
+    for name in ("supernet_epochs", "finetune_epochs"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    effort = getattr(args, "effort", None)
+    if effort is not None and not effort > 0:
+        raise ConfigError(f"--effort must be positive, got {effort}")
+
+
+def _check_folder_writable(path):
+    """The folder `path` will be written into exists or can be made, and takes files."""
+    from .files import check_output_folder
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        check_output_folder(folder)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path!r}: {e}; choose a writable --out") from e
 
 
 def build_parser():
@@ -209,8 +241,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_args(args)
         args.func(args)
-    except (CompressorError, FileNotFoundError) as e:
+    except (CompressorError, OSError) as e:  # OSError: a missing, unreadable or unwritable file
         print(f"compressor: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -16,10 +16,12 @@ import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import default_loader
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from .errors import ConfigError
 from .files import atomic_torch_save
+from .validate import NamingLoader, labels_of
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -221,24 +223,18 @@ def cifar10(split="train", root=None, limit=None, seed=0, augment=False, cache=N
     return dataset if limit is None else dataset.subset(balanced_indices(labels, limit, seed))
 
 
-def _labels(dataset):
-    for name in ("labels", "targets"):
-        if hasattr(dataset, name):
-            return torch.as_tensor(getattr(dataset, name))
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
-
-
-def train_val_split(dataset, val_fraction, seed=0):
+def train_val_split(dataset, val_fraction, seed=0, labels=None):
     """Split TRAINING data into (train, val), stratified by class, deterministic in `seed`.
 
     The val part is for scoring candidates during the search, never the test set. For an
     ImageTensorDataset the val part is never augmented; for other datasets both parts are
     Subsets sharing the dataset's transform (split an un-augmented copy with the same seed to
-    get an un-augmented val part: the indices depend only on the labels and `seed`).
+    get an un-augmented val part: the indices depend only on the labels and `seed`). `labels`:
+    the dataset's labels when the caller has them (else read from it).
     """
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    labels = _labels(dataset)
+    labels = labels_of(dataset) if labels is None else torch.as_tensor(labels)
     generator = torch.Generator().manual_seed(seed)
     train, val = [], []
     for c in labels.unique().tolist():
@@ -268,7 +264,8 @@ def image_folder(path, image_size, augment=False):
                   transforms.RandomHorizontalFlip()]
     steps += [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
     try:
-        return ImageFolder(path, transform=transforms.Compose(steps))
+        # a corrupt file fails when read, naming the file
+        return ImageFolder(path, transform=transforms.Compose(steps), loader=NamingLoader(default_loader))
     except FileNotFoundError as exc:  # no class folders, or no images in them
         raise FileNotFoundError(
             f"no images found in '{path}': expected <folder>/<class>/<image>.jpg ({exc})"

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .progress import Progress
+from .batches import check_labels, logits, read_batches
 
 log = logging.getLogger("compressor.finetune")
 
@@ -32,17 +33,22 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data, batch_size=256, max_batches=None) -> float:
-    """Top-1 accuracy in [0, 1] (eval mode; the training flag is restored)."""
+def accuracy(model: nn.Module, data, batch_size=256, max_batches=None, output_fn=None) -> float:
+    """Top-1 accuracy in [0, 1] (eval mode; the training flag is restored). `output_fn` picks the
+    logits from the model's output."""
     training, device = model.training, device_of(model)
     model.eval()
     correct = total = 0
-    for i, (x, y) in enumerate(loader(data, batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        correct += (model(x.to(device)).argmax(-1) == y.to(device)).sum().item()
-        total += len(y)
-    model.train(training)
+    try:
+        for i, (x, y) in enumerate(read_batches(loader(data, batch_size), "evaluation")):
+            if max_batches is not None and i >= max_batches:
+                break
+            out = logits(model(x.to(device)), output_fn)
+            check_labels(y, out.shape[-1], f"evaluation batch {i}")
+            correct += (out.argmax(-1) == y.to(device)).sum().item()
+            total += len(y)
+    finally:
+        model.train(training)
     if total == 0:
         raise ConfigError("the evaluation data is empty")
     return correct / total
@@ -50,8 +56,9 @@ def accuracy(model: nn.Module, data, batch_size=256, max_batches=None) -> float:
 
 def finetune(model: nn.Module, train_data, *, epochs=1.0, batch_size=64, lr=0.01, momentum=0.9,
              weight_decay=4e-5, label_smoothing=0.1, teacher: nn.Module = None, distill_weight=0.5,
-             seed=0, progress=True) -> dict:
-    """Train `model` in place; returns {"steps", "seconds", "final_loss"}."""
+             seed=0, progress=True, output_fn=None) -> dict:
+    """Train `model` in place; returns {"steps", "seconds", "final_loss"}. `output_fn` picks the
+    logits from the model's (and the teacher's) output."""
     data = loader(train_data, batch_size, shuffle=True, seed=seed)
     steps = int(math.ceil(epochs * len(data)))
     if steps <= 0:
@@ -64,15 +71,16 @@ def finetune(model: nn.Module, train_data, *, epochs=1.0, batch_size=64, lr=0.01
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     t0, step, loss_value = time.time(), 0, float("nan")
-    bar = tqdm(total=steps, disable=not progress, desc="fine-tune")
+    bar = Progress(steps, "fine-tune", enabled=progress, log=log)
     while step < steps:
-        for x, y in data:
+        for x, y in read_batches(data, f"fine-tuning after step {step}"):
             x, y = x.to(device), y.to(device)
-            out = model(x)
+            out = logits(model(x), output_fn)
+            check_labels(y, out.shape[-1], f"fine-tuning step {step}")
             loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
             if teacher is not None:
                 with torch.no_grad():
-                    soft = F.softmax(teacher(x), -1)
+                    soft = F.softmax(logits(teacher(x), output_fn), -1)
                 loss = (1 - distill_weight) * loss + distill_weight * F.kl_div(
                     F.log_softmax(out, -1), soft, reduction="batchmean")
             if not torch.isfinite(loss):
@@ -83,8 +91,7 @@ def finetune(model: nn.Module, train_data, *, epochs=1.0, batch_size=64, lr=0.01
             schedule.step()
             loss_value = loss.item()
             step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
+            bar.update(1, loss=f"{loss_value:.3f}")
             if step >= steps:
                 break
     bar.close()

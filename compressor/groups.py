@@ -25,6 +25,10 @@ _PASS_THROUGH_OPS = {
     tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.EXPAND, tp.ops.OPTYPE.OUTPUT,
 }
 
+# Ops whose split points are fixed channel counts in the model's code: a group passing through one
+# cannot be slimmed (the forward would split the slim tensor at the original positions).
+_SIZED_OPS = {tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND}
+
 
 @dataclass(frozen=True)
 class Member:
@@ -132,12 +136,16 @@ def _failing_op(exc, model):
     return type(model).__name__, op
 
 
-def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+def build_graph(model: nn.Module, example_input: torch.Tensor, train_mode: bool = False) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of `model` (which must be a private copy: tracing runs
-    a forward pass)."""
+    a forward pass; Torch-Pruning leaves it in eval mode). `train_mode` traces a train-mode forward."""
+    def forward(module, x):
+        return module.train(train_mode)(x)
+
     try:
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, forward_fn=forward,
+                                                         verbose=False)
     except Exception as e:
         module, op = _failing_op(e, model)
         raise UnsupportedModelError(
@@ -151,6 +159,9 @@ def _freeze_reason(group_items, graph, names, exclude_match):
     consumers = 0
     for item in group_items:
         target = item.dep.target
+        if target.type in _SIZED_OPS:
+            return (f"a torch.chunk/split/unbind ({target.name}) divides these channels at fixed positions: "
+                    f"slimming them would move the split point")
         if target.type in _PASS_THROUGH_OPS:
             continue
         module = target.module

@@ -3,20 +3,20 @@ budget as vectorised cost functions, BCNet's prior over bins, and the evolutiona
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from .budget import parse_budget
 from .distributed import rank_and_world
 from .errors import ConfigError, InfeasibleBudgetError
+from .progress import Progress
 from .space import WidthSpace
 from .supernet import Supernet
+from .batches import check_labels, logits, read_batches
 
 log = logging.getLogger("compressor.search")
 
@@ -57,7 +57,7 @@ def recalibrate_bn(net: Supernet, cfg, side: str, calib_data, batches: int = 20)
             m.momentum = None  # cumulative average: every batch weighs the same
             m.train()
         with torch.no_grad():
-            for x, _ in calib_data:
+            for x, _ in read_batches(calib_data, "BN recalibration"):
                 if seen == batches:
                     break
                 net(x.to(device))
@@ -81,13 +81,14 @@ METRICS = ("top1", "loss")
 
 
 def score(net: Supernet, cfg, side: str, val_data, calib_data, *, calib_batches: int = 20,
-          max_batches: int | None = None, metric: str = "top1") -> float:
+          max_batches: int | None = None, metric: str = "top1", output_fn=None) -> float:
     """Held-out quality of `cfg` on `side` on `val_data`, after recalibrating BN on `calib_data`:
     top-1 accuracy in [0, 1] (metric "top1"), or minus the mean cross-entropy ("loss": higher is
     better too, and it separates candidates that a small split gives the same top-1). The
     supernet's BN buffers, active configuration and train/eval modes are restored afterwards.
     Under torch.distributed each rank scores the batches whose index % world size is its rank and
-    the sums are reduced, so every rank returns the same number."""
+    the sums are reduced, so every rank returns the same number. `output_fn` picks the logits
+    from a model output that is not a tensor."""
     if metric not in METRICS:
         raise ConfigError(f"unknown score metric {metric!r}: use {' or '.join(map(repr, METRICS))}")
     norms = _norms(net)
@@ -100,12 +101,14 @@ def score(net: Supernet, cfg, side: str, val_data, calib_data, *, calib_batches:
     try:
         recalibrate_bn(net, cfg, side, calib_data, calib_batches)
         with torch.no_grad():
-            for i, (x, y) in enumerate(val_data):
+            for i, (x, y) in enumerate(read_batches(val_data, "scoring")):
                 if max_batches is not None and i >= max_batches:
                     break
                 if i % world != rank:
                     continue
-                y, out = y.to(device), net(x.to(device))
+                out = logits(net(x.to(device)), output_fn)
+                check_labels(y, out.shape[-1], f"scoring batch {i}")
+                y = y.to(device)
                 if metric == "loss":
                     counts[0] -= torch.nn.functional.cross_entropy(out, y, reduction="sum").double()
                 else:
@@ -406,7 +409,7 @@ def _children(count, make, bounds, evaluated, rng) -> list:
 def search(net: Supernet, budget, train_data, val_data, *, records=None, effort: float = 1.0,
            window=(0.8, 1.0), seed: int = 0, calib_batches: int = 20, max_val_batches: int | None = None,
            sides=("left", "right"), progress: bool = True, metric: str = "top1", seeds=(),
-           final_data=None) -> SearchResult:
+           final_data=None, output_fn=None) -> SearchResult:
     """Evolutionary width search on a trained supernet (METHOD section 6).
 
     `budget`: a Budget or a string such as "flops<=50%,params<=2M". `train_data` supplies the BN
@@ -422,6 +425,7 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
     batches the search never selected on; when given, the final top-k and the feasible seeds are
     scored again on them and the best of those is the result. The maximum of many noisy held-out
     scores overestimates its candidate (the winner's curse); an independent second look does not.
+    `output_fn` picks the logits from a model output that is not a tensor.
     """
     if not sides or any(side not in ("left", "right") for side in sides):
         raise ConfigError(f"sides must be a non-empty subset of ('left', 'right'), got {sides!r}")
@@ -452,7 +456,8 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
 
     def evaluate(cfg, generation):
         left, right = (same_draws(score, net, cfg, side, val_data, train_data, calib_batches=calib_batches,
-                                  max_batches=max_val_batches, metric=metric) if side in sides else float("nan")
+                                  max_batches=max_val_batches, metric=metric, output_fn=output_fn)
+                       if side in sides else float("nan")
                        for side in ("left", "right"))
         evaluated[cfg] = (left, right)
         history.append(Evaluated(cfg, left, right, float(space.flops(cfg)), float(space.params(cfg)), generation))
@@ -474,8 +479,8 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
 
     candidates = _initial_population(space, bounds, prior, population, window, rng, seeds)
     top = []
-    bar = tqdm(range(generations), desc="search", disable=not progress or rank != 0 or not sys.stderr.isatty())
-    for generation in bar:
+    bar = Progress(generations, "search", enabled=progress and rank == 0, log=log)
+    for generation in range(generations):
         if generation > 0:
             candidates = _children(mutations, mutate, bounds, evaluated, rng)
             if len(top) > 1:
@@ -483,14 +488,15 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
         for cfg in candidates:
             evaluate(cfg, generation)
         top = sorted(evaluated, key=fitness, reverse=True)[:top_k]  # stable: ties keep first-seen
-        bar.set_postfix(best=f"{fitness(top[0]):.4f}")
+        bar.update(1, best=f"{fitness(top[0]):.4f}")
         log.debug("generation %d: %d new candidates, best %.4f %s", generation, len(candidates),
                   fitness(top[0]), top[0])
+    bar.close()
 
     best, finalists = top[0], []
     if final_data is not None:
         best, finalists = _final_choice(net, top, seeds, sides, bounds, final_data, train_data, calib_batches,
-                                        metric)
+                                        metric, output_fn)
     left, right = evaluated[best]
     result = SearchResult(
         cfg=best, side="right" if "left" not in sides or right > left else "left", score_left=left, score_right=right,
@@ -503,7 +509,7 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
     return result
 
 
-def _final_choice(net, top, seeds, sides, bounds, final_data, calib_data, calib_batches, metric):
+def _final_choice(net, top, seeds, sides, bounds, final_data, calib_data, calib_batches, metric, output_fn=None):
     """(the best of the finalists on `final_data`, [{"cfg", "fitness"}]): the finalists are the
     search's top-k and its feasible seeds (canonical, without repeats)."""
     space = net.space
@@ -512,7 +518,8 @@ def _final_choice(net, top, seeds, sides, bounds, final_data, calib_data, calib_
         tuple(int(c) for c in canon[rows, np.asarray(space.check(cfg))]) for cfg in seeds
         if _feasible(bounds, np.asarray([space.check(cfg)]))[0]]))
     scored = [{"cfg": list(cfg), "fitness": sum(same_draws(score, net, cfg, side, final_data, calib_data,
-                                                            calib_batches=calib_batches, metric=metric)
+                                                            calib_batches=calib_batches, metric=metric,
+                                                            output_fn=output_fn)
                                                  for side in sides) / len(sides)}
               for cfg in finalists]
     best = max(range(len(finalists)), key=lambda i: scored[i]["fitness"])  # ties keep the search's order

@@ -10,6 +10,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from ._version import __version__
 from .errors import ConfigError, UnsupportedModelError
@@ -18,6 +19,7 @@ from .groups import layer_kind
 from .models import PROJECT_BUILDERS, is_known_builder, load_model
 from .space import WidthSpace, check_side
 from .supernet import Supernet, check_space
+from .batches import logits, read_batches
 
 FORMAT = "compressor-slim-1"
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features")
@@ -90,17 +92,18 @@ IMPORTANCE = ("l1", "taylor")
 
 
 def channel_importance(model: nn.Module, space: WidthSpace, criterion: str = "l1", data=None,
-                       batches: int = 8) -> list:
+                       batches: int = 8, output_fn=None) -> list:
     """Per group, a (size,) array: each channel's weight importance summed over the group's layers
     (conv and linear rows or columns, depthwise filters, BN scales), each layer's values divided
     by their mean first so that no layer dominates by its scale alone. criterion "l1": |w|;
     "taylor": |w * dL/dw|, the first-order estimate of the loss change when the weight is removed
     (Molchanov et al. 2019), with the cross-entropy gradient accumulated over `batches` batches of
-    `data` (an iterable of (x, y)) on a copy of the model in train mode."""
+    `data` (an iterable of (x, y)) on a copy of the model in train mode (`output_fn` picks the
+    logits from an output that is not a tensor)."""
     if criterion not in IMPORTANCE:
         raise ConfigError(f"unknown importance criterion {criterion!r}: use {' or '.join(map(repr, IMPORTANCE))}")
     if criterion == "taylor":
-        model = _with_gradients(model, data, batches)
+        model = _with_gradients(model, data, batches, output_fn)
     scores = []
     for group in space.groups:
         score = np.zeros(group.size)
@@ -121,7 +124,7 @@ def channel_importance(model: nn.Module, space: WidthSpace, criterion: str = "l1
     return scores
 
 
-def _with_gradients(model, data, batches):
+def _with_gradients(model, data, batches, output_fn=None):
     """A copy of `model` whose every weight (frozen ones too) holds dL/dw summed over `batches`
     batches of `data`."""
     if data is None:
@@ -129,10 +132,10 @@ def _with_gradients(model, data, batches):
     model = copy.deepcopy(model).train().requires_grad_(True)
     device = next(model.parameters()).device
     seen = 0
-    for x, y in data:
+    for x, y in read_batches(data, "Taylor importance"):
         if seen == batches:
             break
-        nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        nn.functional.cross_entropy(logits(model(x.to(device)), output_fn), y.to(device)).backward()
         seen += 1
     if seen == 0:
         raise ConfigError("Taylor importance got no batch from its data")
@@ -218,7 +221,8 @@ def _check_parity(model, space, cfg, side, small, x, tolerance):
     finally:
         for h in handles:
             h.remove()
-    diff = max_rel_diff(y_net, y_small)
+    # a model may return a tuple or dict of tensors (output_fn picks the logits elsewhere): compare them all
+    diff = max(max_rel_diff(a, b) for a, b in zip(tree_leaves(y_net), tree_leaves(y_small)))
     if diff <= tolerance:
         return
     culprit = "the model output"

@@ -41,6 +41,9 @@ def check_side(side: str) -> str:
 
 
 def check_model(model, example_input):
+    if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+        raise ConfigError("model is a TorchScript module: pass the eager module (the nn.Module before "
+                          "torch.jit.script/trace); a script module's graph cannot be traced and sliced")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, torch.Tensor):
@@ -211,6 +214,35 @@ class WidthSpace:
         return "\n".join(lines)
 
 
+def _modules_run(model, x):
+    """The modules a forward pass of `x` runs, in the model's current mode."""
+    ran, handles = set(), [m.register_forward_hook(lambda m, i, o: ran.add(m)) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return ran
+
+
+def _traced(work, example_input):
+    """Torch-Pruning's graph of `work` (a private copy, in eval mode; left in eval mode). When
+    train mode runs modules that eval mode skips (GoogLeNet's and Inception's aux classifiers),
+    the graph is traced in train mode so that they are slimmed with the channels they consume."""
+    evaluated = _modules_run(work, example_input)
+    pair = example_input[:1].expand(2, *example_input.shape[1:])  # train-mode batch norms need 2 samples
+    work.train()
+    try:
+        extra = _modules_run(work, pair) - evaluated
+    except Exception:  # a model that cannot run in train mode here: trace what eval mode runs
+        extra = set()
+    try:
+        return build_graph(work, pair if extra else example_input, train_mode=bool(extra))
+    finally:
+        work.eval()
+
+
 def analyze(model: nn.Module, example_input: torch.Tensor, bins: int = 20, divisor: int = 8,
             exclude=(), min_ratio: float = 0.0, max_ratio: float = 1.0) -> WidthSpace:
     """Find the channel groups of `model` and build its width space and exact cost model.
@@ -234,7 +266,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, bins: int = 20, divis
     example_input = example_input.detach().to(next(work.parameters(), example_input).device)
     with torch.no_grad():
         run_checked(work, example_input, "analyze")
-    graph = build_graph(work, example_input)
+    graph = _traced(work, example_input)
     groups, frozen = find_groups(work, graph, exclude)
     if not groups:
         reasons = "; ".join(f"{n}: {r}" for n, r in list(frozen.items())[:5])

@@ -19,15 +19,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from .distributed import rank_and_world
 from .errors import CompressorError, ConfigError
 from .files import atomic_torch_save, check_writable, remove_temporaries
 from .losses import kd
 from .methods import get_method
+from .progress import Progress
 from .run_identity import check_same_run, run_identity, weights_hash
 from .supernet import Supernet
+from .batches import check_labels, logits, read_batches
 
 log = logging.getLogger("compressor.train")
 CHECKPOINT = "supernet-last.pt"
@@ -84,23 +85,19 @@ def _epoch_batches(dataset, batch_size, workers, collate, seed, epoch, rank, wor
     shard = order[rank::world][: (len(dataset) // world)].tolist()
     indices = shard[skip * batch_size:]
     # its own generator, so creating the loader does not advance the global RNG (augmentations)
-    return iter(DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers,
-                           drop_last=True, generator=torch.Generator().manual_seed(epoch),
-                           **({"collate_fn": collate} if collate else {})))
+    return read_batches(DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers,
+                                   drop_last=True, generator=torch.Generator().manual_seed(epoch),
+                                   **({"collate_fn": collate} if collate else {})), f"supernet training, epoch {epoch}")
 
 
 _check_writable = check_writable  # the old name, for callers that used it
 
 
-def _check_batch(x, y, net):
-    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ConfigError(f"labels must be integer class indices, got dtype {y.dtype}")
-    net.eval()  # a train-mode forward would move the BN statistics
+def _classes(x, net, output_fn):
+    """The model's class count, from an eval-mode forward (a train-mode one would move the BN statistics)."""
+    net.eval()
     with torch.no_grad():
-        classes = net.full()(x[:2]).shape[-1]
-    if y.min() < 0 or y.max() >= classes:
-        raise ConfigError(f"label {int(y.max() if y.max() >= classes else y.min())} is outside the model's "
-                          f"{classes} classes: the data does not match the model's classifier")
+        return logits(net.full()(x[:2]), output_fn).shape[-1]
 
 
 def _rng_state():
@@ -135,7 +132,8 @@ def _load_checkpoint(path, device):
 def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=None, steps=None, epochs=None,
                    batch_size=None, lr=0.01, momentum=0.9, weight_decay=4e-5, label_smoothing=0.1,
                    teacher: nn.Module = None, distill_weight=0.5, checkpoint_dir=None, checkpoint_every=200,
-                   seed=0, records_k=100, device=None, progress=True, identity=None, restart=False) -> TrainResult:
+                   seed=0, records_k=100, device=None, progress=True, identity=None, restart=False,
+                   output_fn=None) -> TrainResult:
     """Train `net` (a cz.supernet) on `train_data` (a Dataset or DataLoader of (image, label)).
 
     `method`: a registered method's name (compressor.methods): "bcnet", left and right subnets of
@@ -149,6 +147,8 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
     items), options and `identity` (a dict of anything else that defines the run, e.g. compress()'s
     budget); a checkpoint of another run raises ConfigError naming what differs, unless
     `restart=True`, which discards it and starts over.
+    `output_fn` picks the logits from a model output that is not a tensor (e.g. GoogLeNet's in
+    train mode). Every batch's labels are checked against the model's classes.
     """
     if not isinstance(net, Supernet):
         raise ConfigError(f"net must be a cz.supernet(...), got {type(net).__name__}")
@@ -216,7 +216,7 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     net.train()
     t0, batches, running = time.time(), None, float("nan")
-    bar = tqdm(total=total, initial=start, disable=not progress or rank != 0, desc=f"supernet ({method})")
+    bar = Progress(total, f"supernet ({method})", initial=start, enabled=progress and rank == 0, log=log)
     for step in range(start, total):
         epoch, offset = divmod(step, per_epoch)
         if batches is None or offset == 0:
@@ -224,22 +224,23 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if step == start:
-            _check_batch(x, y, net)
+            classes = _classes(x, net, output_fn)
             net.train()
+        check_labels(y, classes, f"supernet training step {step} (epoch {epoch}, batch {offset})")
         subnets = sampler.next()
         if world > 1:  # every rank trains rank 0's configurations
             cfgs = torch.tensor([c for c, _, _ in subnets], device=device)
             dist.broadcast(cfgs, 0)
             subnets = [(tuple(c.tolist()), s, w) for c, (_, s, w) in zip(cfgs, subnets)]
         with torch.no_grad():
-            target = teacher(x) if teacher is not None else None
+            target = logits(teacher(x), output_fn) if teacher is not None else None
         optimizer.zero_grad(set_to_none=True)
         losses, state = [], {}
         for i, (cfg, side, weight) in enumerate(subnets):
             net.set(cfg, side)
             sync = i == len(subnets) - 1 or world == 1  # all-reduce gradients once, on the last backward
             with model.no_sync() if not sync else contextlib.nullcontext():
-                out = model(x)
+                out = logits(model(x), output_fn)
                 ce = F.cross_entropy(out, y, label_smoothing=label_smoothing)
                 base = (lambda: ce) if target is None else (
                     lambda: (1 - distill_weight) * ce + distill_weight * kd(out, target))
@@ -257,8 +258,7 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
             if spec.record(cfg, net.space):
                 records.add(ce, cfg, side)
         running = sum(l for l, _, _ in losses) / len(losses)
-        bar.update(1)
-        bar.set_postfix(loss=f"{running:.3f}")
+        bar.update(1, loss=f"{running:.3f}")
         if (step + 1) % checkpoint_every == 0 and step + 1 < total:
             save(step + 1)
     bar.close()

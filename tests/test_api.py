@@ -79,7 +79,7 @@ def test_ua_baseline_runs_left_only(pretrained):
 ])
 def test_bad_budgets_fail_before_training(pretrained, budget, error, message, tmp_path):
     with pytest.raises(error, match=message):
-        cz.compress(pretrained, budget, quadrant_data(64), out_dir=str(tmp_path), progress=False)
+        cz.compress(pretrained, budget, quadrant_data(64), batch_size=16, out_dir=str(tmp_path), progress=False)
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -96,7 +96,8 @@ def test_bad_arguments(pretrained, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(cz.ConfigError, match="cannot write"):
-        cz.compress(pretrained, "flops<=50%", quadrant_data(64), out_dir=str(blocker / "out"), progress=False)
+        cz.compress(pretrained, "flops<=50%", quadrant_data(64), batch_size=16, out_dir=str(blocker / "out"),
+                    progress=False)
 
 
 def write_image_folder(root, data):

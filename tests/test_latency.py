@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import compressor as cz
-from compressor import api
+from compressor import api, exporters  # noqa: F401  (cz.exporters in the bench fixture)
 from compressor.cli import main
 from compressor.demo import DemoNet
 from compressor.latency import Target, attach_model, build_latency_model, model as latency_model, runtime, time_calls
@@ -201,6 +202,37 @@ def test_prior_fit_meets_the_expected_latency(demo, built):
     assert float(expected_cost(space, torch.tensor(prior), "latency", "ort-cpu")) == pytest.approx(limit, rel=0.1)
 
 
+def test_predictions_never_fall_below_measurements(tmp_path):
+    """A linear calibration with a negative intercept predicted the smallest subnet at 4 us when it
+    measured 38 us, so a 20 us budget was accepted and trained. On a real small model on torch-cpu:
+    the fit undershoots at least one calibration subnet (least-squares residuals sum to zero), the
+    prediction never does, and a budget under the smallest measured subnet is refused before any
+    training, by constraints() and by compress()."""
+    torch.manual_seed(0)
+    model, x = TinyNet(width=16).eval(), torch.randn(1, 3, 16, 16)
+    space = cz.analyze(model, x, bins=4, divisor=4)
+    options = dict(cache_dir=str(tmp_path / "cache"), points=2, calibration=5)
+    lm = build_latency_model(model, space, "torch-cpu", progress=False, **options)
+    with open(lm.info["cache"]) as f:
+        measured = {tuple(p["cfg"]): p["median_us"] for p in json.load(f)["calibration"]}
+    cfgs = np.array(list(measured))
+    linear = lm.slope * lm.raw(cfgs) + lm.intercept
+    assert (linear < np.array(list(measured.values()))).any() and lm.info["floored"] >= 1
+    for cfg, us in measured.items():
+        assert lm.predict([cfg])[0] >= us
+    assert space.latency(space.min(), "torch-cpu") >= measured[space.min()]
+    wider = np.array([[min(c + 1, space.bins) for c in space.min()]])
+    assert lm.predict(wider)[0] >= measured[space.min()]  # contains the smallest subnet
+    limit = 0.9 * measured[space.min()]
+    with pytest.raises(cz.InfeasibleBudgetError, match="smallest configuration costs"):
+        constraints(space, f"latency<={limit:.4g}us@torch-cpu")
+    out = tmp_path / "out"
+    with pytest.raises(cz.InfeasibleBudgetError, match="smallest configuration costs"):
+        cz.compress(model, f"latency<={limit:.4g}us@torch-cpu", quadrant_data(64), batch_size=16, out_dir=str(out),
+                    bins=4, divisor=4, progress=False, latency_options=options)  # the same space: cached timings
+    assert not (out / "checkpoints").exists()
+
+
 # -- compress(): the delivery check --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pretrained():
@@ -318,6 +350,33 @@ def test_bench_errors(slim_files, capsys):
     assert main(["bench", str(slim_files / "missing.onnx")]) == 2
     err = capsys.readouterr().err
     assert "runs on ort-cpu or ort-cuda" in err and "disagrees" in err and "does not exist" in err
+
+
+def test_bench_and_export_errors_are_one_line(slim_files, tmp_path, capsys):
+    """Exit code 2 and one clear line, no traceback: an empty or corrupt .onnx, --batch 0 (once
+    silently measured as 1), --image-size 0, an output folder that cannot be written."""
+    empty, junk = tmp_path / "empty.onnx", tmp_path / "junk.onnx"
+    empty.write_bytes(b"")
+    junk.write_bytes((slim_files / "m.onnx").read_bytes()[:200])  # a truncated real ONNX file
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cases = [(["bench", str(empty)], "is empty"),
+             (["bench", str(junk)], "cannot load .*junk.onnx.* export it again"),
+             (["bench", str(slim_files / "m.onnx"), "--batch", "0"], "--batch must be a positive integer, got 0"),
+             (["export", str(slim_files / "m.pt"), "--image-size", "0"], "--image-size must be a positive integer"),
+             (["export", str(slim_files / "m.pt"), "--image-size", "32", "--out", str(blocker / "m.onnx")],
+              "cannot write .*choose a writable --out"),
+             (["bench", str(slim_files / "m.onnx"), "--json", str(blocker / "r.json")], "cannot write")]
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    if not os.access(read_only, os.W_OK):  # root writes anywhere: the blocker file above stands in
+        cases.append((["export", str(slim_files / "m.pt"), "--image-size", "32", "--out", str(read_only / "m.onnx")],
+                      "cannot write .*is not writable; choose a writable --out"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert re.search(message, err), (argv, err)
 
 
 def test_onnx_bench_path_imports_no_torch():

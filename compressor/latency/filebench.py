@@ -31,9 +31,13 @@ def bench_file(path, target="ort-cpu", batch=None, input_shape=None, threads=1, 
     overrides its first dim (default 1, or the shape's). `trust_source`: see cz.load_slim."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path!r} does not exist")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ConfigError(f"batch must be a positive integer, got {batch!r}")
+    if os.path.getsize(path) == 0:
+        raise ConfigError(f"{path!r} is empty: export or copy it again")
     if input_shape is not None and batch is not None and input_shape[0] != batch:
         raise ConfigError(f"--batch {batch} disagrees with --input {'x'.join(map(str, input_shape))}")
-    batch = batch or (input_shape[0] if input_shape else 1)
+    batch = batch if batch is not None else (input_shape[0] if input_shape else 1)
     sample = tuple(input_shape[1:]) if input_shape else None
     ext = os.path.splitext(path)[1].lower()
     family, _, device = target.partition("-")

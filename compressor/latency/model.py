@@ -1,7 +1,14 @@
 """The latency model: a measured per-layer table, summed per configuration and calibrated on
 end-to-end measurements of random slim subnetworks; cached on disk and resumable.
 
-prediction(cfg) = slope * sum_l T_l[bin of l's input group, bin of l's output group] + intercept
+prediction(cfg) = max(slope * sum_l T_l[bin of l's input group, bin of l's output group] + intercept,
+                     the largest measured latency of a calibration subnet that cfg contains)
+
+The floor matters: a linear fit with a negative intercept predicts small configurations below what
+they measure (4 us predicted for a subnet measured at 38 us), which would accept budgets no
+configuration meets. A configuration at least as wide as a measured subnet in every group is
+taken to be at least as slow; the smallest configuration is always measured, so no prediction is
+below its measurement and an infeasible budget is refused before training.
 """
 from __future__ import annotations
 
@@ -9,15 +16,14 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..files import write_text_atomic
+from ..progress import track
 from ..slim import slim
 from .layers import FIXED, bin_sizes, find_layers, widths
 from .stats import CV_THRESHOLD
@@ -35,7 +41,7 @@ def default_cache_dir() -> str:
 class LatencyModel:
     """Predicted latency (microseconds) of width configurations of one space on one target."""
 
-    def __init__(self, target: Target, table, gin, gout, slope, intercept, original_us, info=None):
+    def __init__(self, target: Target, table, gin, gout, slope, intercept, original_us, info=None, floors=None):
         self.target = target
         self.table = np.asarray(table, dtype=np.float64)   # (layers, N+1, N+1): [in bin, out bin]
         self.gin = np.asarray(gin, dtype=np.int64)        # group of each layer's input (FIXED: none)
@@ -43,6 +49,10 @@ class LatencyModel:
         self.slope, self.intercept = float(slope), float(intercept)
         self.original_us = float(original_us)              # the full model, measured end to end
         self.info = info or {}
+        # measured calibration subnets: (P, G) configurations and their latencies (P,)
+        cfgs, measured = floors if floors is not None else ([], [])
+        self.floor_cfgs = np.asarray(cfgs, dtype=np.int64)
+        self.floor_us = np.asarray(measured, dtype=np.float64)
 
     def raw(self, cfgs) -> np.ndarray:
         """Sum of the layer table over configurations (B, G) -> (B,)."""
@@ -53,7 +63,18 @@ class LatencyModel:
         return self.table[layer, aug[:, self.gin], aug[:, self.gout]].sum(1)
 
     def predict(self, cfgs) -> np.ndarray:
-        return self.slope * self.raw(cfgs) + self.intercept
+        """The calibrated table sum, never below the measurement of a calibration subnet that a
+        configuration contains (every group at least as wide)."""
+        cfgs = np.atleast_2d(np.asarray(cfgs, dtype=np.int64))
+        return np.maximum(self.slope * self.raw(cfgs) + self.intercept, self.floor(cfgs))
+
+    def floor(self, cfgs) -> np.ndarray:
+        """(B,) the largest measured latency among the calibration subnets each configuration contains."""
+        cfgs = np.atleast_2d(np.asarray(cfgs, dtype=np.int64))
+        if not len(self.floor_us):
+            return np.full(len(cfgs), -np.inf)
+        contains = (cfgs[:, None, :] >= self.floor_cfgs[None]).all(-1)  # (B, P)
+        return np.where(contains, self.floor_us, -np.inf).max(1)
 
     def expected(self, probs: torch.Tensor) -> torch.Tensor:
         """Exact expected prediction when each group's bin is drawn independently from its row of
@@ -68,13 +89,18 @@ class LatencyModel:
         pair = torch.einsum("la,lab,lb->l", p_in, table, p_out)
         diag = (p_out * torch.diagonal(table, dim1=1, dim2=2)).sum(1)
         same = (gin == gout) & (gin != FIXED)
-        return self.slope * torch.where(same.to(probs.device), diag, pair).sum() + self.intercept
+        value = self.slope * torch.where(same.to(probs.device), diag, pair).sum() + self.intercept
+        # the floor of the narrowest configuration the distribution can draw
+        narrowest = (probs.detach() > 0).to(torch.int64).argmax(1).cpu().numpy()
+        floor = float(self.floor(narrowest[None])[0])
+        return value.clamp_min(floor) if np.isfinite(floor) else value
 
     def scaled(self, factor: float) -> "LatencyModel":
         """The same model with every prediction multiplied by `factor` (an optimistic or pessimistic
         variant, e.g. to exercise compress()'s delivery check)."""
         return LatencyModel(self.target, self.table, self.gin, self.gout, self.slope * factor,
-                            self.intercept * factor, self.original_us, self.info)
+                            self.intercept * factor, self.original_us, self.info,
+                            floors=(self.floor_cfgs, self.floor_us * factor))
 
 
 # -- the on-disk cache ---------------------------------------------------------------------------
@@ -141,8 +167,7 @@ def build_latency_model(model, space, target="ort-cpu", *, cache_dir=None, point
                 sig = layer.signature(ci, co)
                 if sig not in cache.data["layers"]:
                     todo.setdefault(sig, (layer, int(ci), int(co)))
-    quiet = not progress or not sys.stderr.isatty()
-    for sig, (layer, ci, co) in tqdm(todo.items(), desc=f"latency table {target.runtime}", disable=quiet):
+    for sig, (layer, ci, co) in track(todo.items(), f"latency table {target.runtime}", enabled=progress, log=log):
         module, x = layer.module_and_input(ci, co, target.batch)
         # per-layer timings are microseconds long and often noisy: one summary warning below
         cache.data["layers"][sig] = _timing(rt.measure(module, x, what=f"{layer.name} {ci}->{co}", warn=False))
@@ -161,7 +186,7 @@ def build_latency_model(model, space, target="ort-cpu", *, cache_dir=None, point
     cfgs = _calibration_configs(space, calibration, seed)
     done = {tuple(p["cfg"]) for p in cache.data["calibration"]}
     x = target.example()
-    for cfg in tqdm([c for c in cfgs if c not in done], desc="latency calibration", disable=quiet):
+    for cfg in track([c for c in cfgs if c not in done], "latency calibration", enabled=progress, log=log):
         small = slim(model, space, cfg, "left", check=False)
         cache.data["calibration"].append(dict(cfg=list(cfg), **_timing(rt.measure(small, x, what=f"subnet {cfg}"))))
         cache.save()
@@ -177,7 +202,9 @@ def build_latency_model(model, space, target="ort-cpu", *, cache_dir=None, point
     info = dict(rt.info, layers=len(layers), measurements=len(cache.data["layers"]), cache=cache.path,
                 calibration_points=len(points_used), build_s=round(time.time() - t0, 2),
                 calibration_mape=float(np.mean(np.abs(slope * raw + intercept - measured) / measured)))
-    result = LatencyModel(target, table, gin, gout, slope, intercept, original, info)
+    floors = (np.array([p["cfg"] for p in points_used]), measured)
+    result = LatencyModel(target, table, gin, gout, slope, intercept, original, info, floors=floors)
+    info["floored"] = int((slope * raw + intercept < measured).sum())  # calibration subnets the fit undershoots
     if attach:
         attach_model(space, result)
     log.info("latency model for %s: %d layers, %d layer timings, %d subnets; original %.0f us; %.1fs",

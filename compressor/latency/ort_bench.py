@@ -62,9 +62,19 @@ def measure_session(sess, x, *, warmup=3, reps=20, what="onnx model", warn=True)
     return m
 
 
+class InvalidModelFile(ValueError):
+    """ONNX Runtime cannot load the file (empty, truncated, not ONNX)."""
+
+
 def bench_onnx(path, *, batch=1, shape=None, device="cpu", threads=1, warmup=10, reps=100) -> Measurement:
     """Latency of an ONNX file on ONNX Runtime."""
-    sess = session(path, device, threads)
+    require_ort(device)
+    try:
+        sess = session(path, device, threads)
+    except Exception as e:  # onnxruntime's load errors (InvalidProtobuf, InvalidArgument, ...) share no base
+        reason = str(e).split(" failed:", 1)[-1].strip()
+        raise InvalidModelFile(f"ONNX Runtime cannot load {str(path)!r} ({reason}): the file is empty, truncated "
+                               f"or not an ONNX model; export it again") from e
     m = measure_session(sess, input_array(sess, batch, shape), warmup=warmup, reps=reps, what=str(path))
     m.info["threads"] = threads
     return m

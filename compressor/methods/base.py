@@ -102,6 +102,9 @@ class FitContext:
     final_batches: int = 0      # batches past the calibration ones for the search's second look (0: none)
     restart: bool = False       # discard a checkpoint of another run instead of refusing it
     identity: dict = dataclasses.field(default_factory=dict)  # what else defines the run (for resume)
+    output_fn: Any = None       # picks the logits from a model output that is not a tensor
+    batches: Any = None         # how to batch train_data/held_out (validate.LoaderOptions: the user's
+                                # DataLoader settings or compress's batch_size); None: batch_size
 
 
 @dataclass
