@@ -9,7 +9,7 @@ distillation from the original model exactly when compress() distils) on the sam
   tp-group-l2   Torch-Pruning, global pruning with group L2 importance, bisected likewise
   tp-taylor     Torch-Pruning, global pruning with group Taylor importance (gradients of 8 batches)
   uniform       the same bin in every group (the model's first k channels), the widest that fits
-  ua, bcnet     cz.compress(method=...) with its defaults
+  METHOD        cz.compress(method=METHOD) with its defaults, for every registered method (bcnet, ua)
   NAME          cz.compress with --variant NAME='{"option": value, ...}' (ablations)
 "TP best" in the table is the better of tp-group-l2 and tp-taylor (by mean accuracy).
 
@@ -37,6 +37,8 @@ import time
 import torch
 
 from common import RESULTS, commit, machine_info, write_result
+
+from compressor.methods import METHODS
 
 SETTINGS = {  # train/test images (None: all), epochs, compress's search effort and BN batches, batch size
     "quick": dict(train=2000, test=1000, supernet_epochs=1.0, finetune_epochs=1.0, effort=0.05,
@@ -137,7 +139,7 @@ def main():
     parser.add_argument("--setting", choices=SETTINGS, default="cpu")
     parser.add_argument("--budgets", default="flops<=50%;flops<=30%", help="';'-separated budgets")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--rows", default="original,tp-l1,tp-group-l2,tp-taylor,uniform,ua,bcnet")
+    parser.add_argument("--rows", default=",".join(BASELINES + tuple(METHODS.names())))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=JSON: a compress() row with these options (repeatable), e.g. "
@@ -170,7 +172,7 @@ def main():
         name, _, options = v.partition("=")
         variants[name] = json.loads(options)
     names = args.rows.split(",")
-    unknown = [n for n in names if n not in BASELINES + ("ua", "bcnet") and n not in variants]
+    unknown = [n for n in names if n not in BASELINES and n not in METHODS and n not in variants]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}: give a --variant for each")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -240,7 +242,7 @@ def main():
                                finetune_epochs=epochs[mode])
                     else:
                         options = dict(variants.get(row, {}))
-                        method = options.pop("method", row if row in ("ua", "bcnet") else "bcnet")
+                        method = options.pop("method", row if row in METHODS else "bcnet")
                         result = compress(original, budget, train, None, example_input=x, method=method,
                                           supernet_epochs=setting["supernet_epochs"],
                                           finetune_epochs=setting["finetune_epochs"], effort=setting["effort"],
