@@ -16,6 +16,8 @@ from compressor.demo import DemoNet
 from compressor.errors import ConfigError
 from compressor.latency import build_latency_model, export_probes
 
+from conftest import quadrant_data
+
 # installed first in the child: any import of torch, torchvision or torch_pruning fails, as on a
 # device where only the wheel (--no-deps), onnxruntime and numpy are installed
 NO_TORCH = """
@@ -149,3 +151,13 @@ def test_missing_or_foreign_probe_timings_are_refused(probes, tmp_path):
         build_latency_model(model, space, "ort-cpu", progress=False, measurements=str(tmp_path), **PLAN)
     with pytest.raises(ConfigError, match="ONNX models, timed on ort-cpu or ort-cuda"):
         export_probes(model, space, str(tmp_path / "p"), "torch-cpu")
+
+
+def test_compress_takes_the_device_timings_and_says_the_result_was_not_measured_here(probes):
+    model, space, folder, _ = probes
+    result = cz.compress(model, "latency<=80%@ort-cpu", quadrant_data(64, size=24), supernet_epochs=0.25,
+                         finetune_epochs=0.1, batch_size=32, effort=0.05, bins=4, divisor=2, progress=False,
+                         latency_options=dict(measurements=str(folder / "timings"), **PLAN))
+    [attempt] = result.search["latency_attempts"]
+    assert attempt["measured_us"] is None and "not measured: the latency model was timed on" in attempt["note"]
+    assert result.result["latency"] == attempt["predicted_us"] <= result.limits["latency"] and result.meets_budget()
