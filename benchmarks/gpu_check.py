@@ -45,19 +45,21 @@ PARTS = {
     "ort-cuda": (60, ("onnxruntime",)),
 }
 ORT_PART = """
-import json, sys, torch, torchvision
+import json, os, sys, torch, torchvision
 import compressor as cz
 from compressor.cli import main
-out = sys.argv[1]
+out, targets = sys.argv[1], sys.argv[2:] or ["ort-cuda", "ort-cpu"]
 cz.exporters.export_onnx(torchvision.models.resnet18(weights=None).eval(), torch.randn(1, 3, 224, 224), out + ".onnx")
 results = {}
-for target in ("ort-cuda", "ort-cpu"):
+for target in targets:
     if main(["bench", out + ".onnx", "--target", target, "--reps", "50", "--json", out + "." + target]) != 0:
         sys.exit(1)
-    results[target] = json.load(open(out + "." + target))
-    import os; os.remove(out + "." + target)
+    with open(out + "." + target) as f:
+        results[target] = json.load(f)
+    os.remove(out + "." + target)
 os.remove(out + ".onnx")
-json.dump(results, open(out, "w"), indent=1)
+with open(out, "w") as f:
+    json.dump(results, f, indent=1)
 """
 PYTEST = "import sys, pytest; sys.path.pop(0); sys.exit(pytest.main(sys.argv[1:]))"  # no checkout on sys.path
 
