@@ -208,7 +208,7 @@ def build_parser():
                        "a folder): p50, p90, p99, throughput; an .onnx file needs only onnxruntime and numpy")
     p.add_argument("model", help="model.pt, model.onnx, model.engine, or a folder of .onnx files (latency probes)")
     p.add_argument("--target", default="ort-cpu", help="torch-cpu, torch-cuda, ort-cpu, ort-cuda, trt-fp32/fp16/int8")
-    p.add_argument("--batch", type=int, help="batch size (default 1, or the first dim of --input)")
+    p.add_argument("--batch", type=int, help="batch size (default: the first dim of --input, an .onnx file's static batch, else 1)")
     p.add_argument("--input", help="input shape NxCxHxW (default 1x3x224x224; an .onnx file's own static shape)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch / ONNX Runtime intra-op)")
     p.add_argument("--warmup", type=int, default=10)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ..errors import ConfigError
 from ..files import write_bytes_atomic, write_text_atomic
 from ..slim import slim
+from .filebench import BENCH_FORMAT
 from .layers import FIXED, bin_sizes, find_layers, widths
 from .stats import CV_THRESHOLD
 from .targets import Target, onnx_bytes, runtime, target_for
@@ -259,8 +260,8 @@ def _read_measurements(path, space, target, data, jobs, cfgs, plan) -> dict:
     for file in files:
         with open(file) as f:
             doc = json.load(f)
-        if doc.get("format") != "compressor-bench-1":
-            raise ConfigError(f"{file} is not a `compressor bench --json` file (no format 'compressor-bench-1')")
+        if doc.get("format") != BENCH_FORMAT:
+            raise ConfigError(f"{file} is not a `compressor bench --json` file (no format {BENCH_FORMAT!r})")
         machines.append(doc["machine"])
         for r in doc["results"]:
             probe = r["info"].get("metadata", {}).get(PROBE_KEY)
