@@ -46,8 +46,8 @@ def machine_info() -> dict:
 
 
 def write_result(name: str, payload: dict) -> str:
-    """Write JSON under benchmarks/results/ atomically; returns the path."""
+    """Write JSON under benchmarks/results/ (or at `name`, a path with a folder) atomically; returns the path."""
     from compressor.files import write_text_atomic
-    path = os.path.join(RESULTS, name)
+    path = os.path.join(RESULTS, name)  # an absolute `name` stays as it is
     write_text_atomic(path, json.dumps(payload, indent=1), make_folder=True)
     return path

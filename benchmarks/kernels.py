@@ -153,6 +153,8 @@ def main():
     parser.add_argument("--warmup", type=int, help="untimed repetitions first (default 5 on GPU, 1 on CPU)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
+    parser.add_argument("--part", choices=("all", "layers", "step"), default="all",
+                        help="layers: the per-layer table only (no torch-pruning needed); step: the training step only")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reps = args.reps or (20 if device.type == "cuda" else 3)
@@ -161,7 +163,7 @@ def main():
     cuda_reason = cuda_unavailable_reason(device)
 
     rows = []
-    for name, batch, c_in, c_out, size, kernel, stride, depthwise in LAYERS:
+    for name, batch, c_in, c_out, size, kernel, stride, depthwise in (LAYERS if args.part != "step" else ()):
         x, weight, bias = layer_tensors(batch, c_in, c_out, size, kernel, depthwise, device, dtype)
         for impl in IMPLS:
             row = {"layer": name, "batch": batch, "c_in": c_in, "c_out": c_out, "size": size, "kernel": kernel,
@@ -177,9 +179,10 @@ def main():
     result = {
         "benchmark": "masked_conv2d per-layer forward+backward time",
         "machine": machine_info(),
-        "settings": {"device": device.type, "dtype": args.dtype, "width": WIDTH, "reps": reps, "warmup": warmup},
+        "settings": {"device": device.type, "dtype": args.dtype, "width": WIDTH, "reps": reps, "warmup": warmup,
+                     "part": args.part},
         "layers": rows,
-        "supernet_step": supernet_step_benchmark(device, reps, warmup, cuda_reason),
+        "supernet_step": supernet_step_benchmark(device, reps, warmup, cuda_reason) if args.part != "layers" else [],
     }
     write_text_atomic(str(args.out), json.dumps(result, indent=2) + "\n", make_folder=True)
     print_table(rows, device, args.dtype)

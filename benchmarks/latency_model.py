@@ -43,7 +43,7 @@ def evaluate(name, args):
     space = cz.analyze(model, torch.randn(1, 3, 224, 224))
     with tempfile.TemporaryDirectory() as cache:  # a fresh cache: the build time is the real one
         t = time.time()
-        lm = build_latency_model(model, space, "ort-cpu", cache_dir=cache, points=args.points,
+        lm = build_latency_model(model, space, args.target, cache_dir=cache, points=args.points,
                                  calibration=args.calibration, progress=True)
         build_s = time.time() - t
     rt, x = runtime(lm.target), lm.target.example()
@@ -59,7 +59,7 @@ def evaluate(name, args):
             tests.append(cfg)
     t = time.time()
     measured = np.array([measure(c) for c in tests])
-    predicted = space.latency(np.array(tests), "ort-cpu")
+    predicted = space.latency(np.array(tests), args.target)
     test_s = time.time() - t
 
     # equal FLOPs: configurations within [0.95, 1.0] x 50% of the original FLOPs
@@ -67,7 +67,7 @@ def evaluate(name, args):
     pool = np.array([space.random(rng) for _ in range(20000)])
     flops = space.flops(pool)
     pool = pool[(flops >= 0.95 * limit) & (flops <= limit)]
-    latency_pick = tuple(int(c) for c in pool[np.argmin(space.latency(pool, "ort-cpu"))])
+    latency_pick = tuple(int(c) for c in pool[np.argmin(space.latency(pool, args.target))])
     flops_picks = [tuple(int(c) for c in pool[i]) for i in rng.choice(len(pool), args.flops_picks, replace=False)]
     uniform = uniform_baseline(space, "flops<=50%")
     flops_only = [measure(c) for c in flops_picks]
@@ -83,7 +83,7 @@ def evaluate(name, args):
         "equal_flops": {
             "flops_limit": limit, "candidates_in_window": int(len(pool)),
             "latency_aware": {"cfg": list(latency_pick), "flops": float(space.flops(latency_pick)),
-                              "predicted_us": space.latency(latency_pick, "ort-cpu"), "measured_us": measure(latency_pick)},
+                              "predicted_us": space.latency(latency_pick, args.target), "measured_us": measure(latency_pick)},
             "flops_only_random": {"measured_us": flops_only, "mean_us": float(np.mean(flops_only))},
             "uniform": {"cfg": list(uniform), "flops": float(space.flops(uniform)), "measured_us": measure(uniform)},
         },
@@ -95,14 +95,16 @@ def main():
     parser.add_argument("--quick", action="store_true", help="4 widths per layer dimension, 10 calibration and "
                                                              "12 test subnets (the full run measures every width)")
     parser.add_argument("--models", default="resnet18,mobilenet_v2")
+    parser.add_argument("--target", default="ort-cpu", help="the latency target (torch-cuda, ort-cuda on a GPU)")
+    parser.add_argument("--out", help="the JSON file (default benchmarks/results/latency_model.json)")
     args = parser.parse_args()
     args.points, args.calibration, args.tests, args.flops_picks = (4, 10, 12, 3) if args.quick else (None, 20, 30, 5)
     torch.set_num_threads(1)  # the target times with one thread; torch's own work should not fight it
     load_before = os.getloadavg()
     rows = [evaluate(name, args) for name in args.models.split(",")]
     payload = {"machine": dict(machine_info(), load_average_before=load_before, load_average_after=os.getloadavg()),
-               "target": "ort-cpu, batch 1, 1x3x224x224, 1 thread", "quick": args.quick, "results": rows}
-    path = write_result("latency_model.json", payload)
+               "target": f"{args.target}, batch 1, 1x3x224x224, 1 thread", "quick": args.quick, "results": rows}
+    path = write_result(args.out or "latency_model.json", payload)
     print(f"\n{'model':14s} {'table s':>8s} {'timings':>8s} {'MAPE':>7s} {'tau':>6s} {'orig ms':>8s} "
           f"{'lat-aware ms':>13s} {'flops-only ms':>14s} {'uniform ms':>11s}")
     for r in rows:

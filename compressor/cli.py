@@ -8,7 +8,21 @@ import os
 import sys
 
 from .errors import CompressorError, ConfigError
-from .methods import METHODS
+
+
+class _MethodNames:
+    """--method's choices, read from the method registry only when asked (the registry imports
+    torch; `compressor bench` must not)."""
+
+    def _names(self):
+        from .methods import METHODS
+        return METHODS.names()
+
+    def __contains__(self, name):
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
 
 
 def _model_and_input(spec, weights, image_size):
@@ -104,19 +118,17 @@ def cmd_export(args):
 
 
 def cmd_bench(args):
-    from .latency.filebench import bench_file, parse_shape
-    m = bench_file(args.model, target=args.target, batch=args.batch,
-                   input_shape=parse_shape(args.input) if args.input else None, threads=args.threads,
-                   warmup=args.warmup, reps=args.reps, trust_source=args.trust_source)
-    report = {"model": args.model, "target": args.target, "batch": m.batch, "p50_ms": m.median_us / 1e3,
-              "p90_ms": m.p90_us / 1e3, "p99_ms": m.p99_us / 1e3, "throughput_per_s": m.throughput,
-              "reps": m.reps, "cv": m.cv, "unstable": m.unstable, "info": m.info}
-    print(f"{args.model} on {args.target}, batch {m.batch}: p50 {report['p50_ms']:.3f} ms, p90 {report['p90_ms']:.3f} ms, "
-          f"p99 {report['p99_ms']:.3f} ms, {m.throughput:.1f} samples/s" + (" (unstable timing)" if m.unstable else ""))
+    from .latency.filebench import bench_files, parse_shape
+    doc = bench_files(args.model, target=args.target, batch=args.batch,
+                      input_shape=parse_shape(args.input) if args.input else None, threads=args.threads,
+                      warmup=args.warmup, reps=args.reps, trust_source=args.trust_source)
+    for r in doc["results"]:
+        print(f"{r['model']} on {args.target}, batch {r['batch']}: p50 {r['p50_ms']:.3f} ms, p90 {r['p90_ms']:.3f} ms, "
+              f"p99 {r['p99_ms']:.3f} ms, {r['throughput_per_s']:.1f} samples/s" + (" (unstable timing)" if r["unstable"] else ""))
     if args.json:
         _check_folder_writable(args.json)
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump(doc, f, indent=1)
 
 
 TRUST_HELP = ("rebuild a model.pt whose source is a .py file or module:callable (runs that code); by default "
@@ -180,7 +192,8 @@ def build_parser():
     p.add_argument("--data", required=True, help="an ImageFolder directory, or one with train/ and val/ (or test/)")
     p.add_argument("--budget", required=True, help="e.g. 'flops<=50%%' or 'flops<=50%%,params<=2.5M'")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--method", choices=METHODS.names(), default="bcnet")
+    p.add_argument("--method", choices=_MethodNames(), default="bcnet", metavar="METHOD",
+                   help="a registered method: %(choices)s (default: %(default)s)")
     p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
                    help="an option of the method, e.g. complementary=false (bcnet) or n_random=3 (ua); repeatable")
     p.add_argument("--supernet-epochs", type=float, default=1.0)
@@ -223,15 +236,17 @@ def build_parser():
     p.add_argument("--trust-source", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("bench", help="latency of a .pt (save_slim), .onnx or .engine file: p50, p90, p99, throughput")
-    p.add_argument("model", help="model.pt, model.onnx or model.engine")
+    p = sub.add_parser("bench", help="latency of a .pt (save_slim), .onnx or .engine file (or of every .onnx file in "
+                       "a folder): p50, p90, p99, throughput; an .onnx file needs only onnxruntime and numpy")
+    p.add_argument("model", help="model.pt, model.onnx, model.engine, or a folder of .onnx files (latency probes)")
     p.add_argument("--target", default="ort-cpu", help="torch-cpu, torch-cuda, ort-cpu, ort-cuda, trt-fp32/fp16/int8")
-    p.add_argument("--batch", type=int, help="batch size (default 1, or the first dim of --input)")
+    p.add_argument("--batch", type=int, help="batch size (default: the first dim of --input, an .onnx file's static batch, else 1)")
     p.add_argument("--input", help="input shape NxCxHxW (default 1x3x224x224; an .onnx file's own static shape)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch / ONNX Runtime intra-op)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--reps", type=int, default=100)
-    p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.add_argument("--json", help="also write the numbers, the machine and the runtime versions to this JSON file "
+                   "(build_latency_model(measurements=...) reads it back)")
     p.add_argument("--trust-source", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_bench)
     return parser

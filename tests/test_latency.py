@@ -338,7 +338,9 @@ def test_bench_prints_and_writes_percentiles(slim_files, name, args, capsys):
     out = slim_files / f"{name}-{len(args)}.json"
     assert main(["bench", str(slim_files / name), "--reps", "20", "--json", str(out), *args]) == 0
     assert "p50" in capsys.readouterr().out
-    report = json.loads(out.read_text())
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "compressor-bench-1" and doc["machine"]["onnxruntime"] and doc["machine"]["python"]
+    [report] = doc["results"]
     assert 0 < report["p50_ms"] <= report["p90_ms"] <= report["p99_ms"]
     assert report["throughput_per_s"] == pytest.approx(report["batch"] * 1e3 / report["p50_ms"])
     assert report["batch"] == (2 if "2x3x32x32" in args else 1)

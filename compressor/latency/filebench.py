@@ -12,6 +12,7 @@ from .ort_bench import RuntimeMissing, bench_onnx
 from .stats import Measurement, time_calls
 
 DEFAULT_SHAPE = (3, 224, 224)
+BENCH_FORMAT = "compressor-bench-1"
 
 
 def parse_shape(text):
@@ -37,7 +38,7 @@ def bench_file(path, target="ort-cpu", batch=None, input_shape=None, threads=1, 
         raise ConfigError(f"{path!r} is empty: export or copy it again")
     if input_shape is not None and batch is not None and input_shape[0] != batch:
         raise ConfigError(f"--batch {batch} disagrees with --input {'x'.join(map(str, input_shape))}")
-    batch = batch if batch is not None else (input_shape[0] if input_shape else 1)
+    batch = batch or (input_shape[0] if input_shape else None)  # None: an .onnx file's own batch, else 1
     sample = tuple(input_shape[1:]) if input_shape else None
     ext = os.path.splitext(path)[1].lower()
     family, _, device = target.partition("-")
@@ -51,13 +52,39 @@ def bench_file(path, target="ort-cpu", batch=None, input_shape=None, threads=1, 
     elif ext == ".engine":
         if family != "trt":
             raise ConfigError(f"an .engine file runs on its TensorRT target (trt-fp32/fp16/int8), not {target!r}")
-        m = _bench_engine(path, batch, sample or DEFAULT_SHAPE, warmup, reps)
+        m = _bench_engine(path, batch or 1, sample or DEFAULT_SHAPE, warmup, reps)
     elif ext == ".pt":
-        m = _bench_slim(path, target, batch, sample or DEFAULT_SHAPE, threads, warmup, reps, trust_source)
+        m = _bench_slim(path, target, batch or 1, sample or DEFAULT_SHAPE, threads, warmup, reps, trust_source)
     else:
         raise ConfigError(f"cannot bench {path!r}: expected a .pt (save_slim), .onnx or .engine file")
     m.info.update(file=os.path.abspath(path), target=target)
     return m
+
+
+def report(m: Measurement, path, target) -> dict:
+    """The JSON record of one file's timing (what `compressor bench --json` writes, and what
+    `build_latency_model(measurements=...)` reads back)."""
+    return {"model": os.path.basename(path), "target": target, "batch": m.batch, "p50_ms": m.median_us / 1e3,
+            "p90_ms": m.p90_us / 1e3, "p99_ms": m.p99_us / 1e3, "mean_ms": m.mean_us / 1e3,
+            "throughput_per_s": m.throughput, "reps": m.reps, "cv": m.cv, "unstable": m.unstable, "info": m.info}
+
+
+def bench_files(path, target="ort-cpu", **options) -> dict:
+    """Bench `path` (a file, or every .onnx file in a folder, sorted by name) and return the JSON
+    document `compressor bench --json` writes: {"format", "machine", "results": [report, ...]}."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(".onnx"))
+        if not files:
+            raise ConfigError(f"folder {path!r} holds no .onnx file to bench")
+    else:
+        files = [path]
+    results = [report(bench_file(f, target=target, **options), f, target) for f in files]
+    try:
+        from .ort_bench import machine
+        where = machine()
+    except ImportError:  # a .pt or .engine bench without onnxruntime
+        where = {}
+    return {"format": BENCH_FORMAT, "machine": where, "results": results}
 
 
 def _bench_engine(path, batch, sample, warmup, reps):

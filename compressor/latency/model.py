@@ -22,15 +22,18 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..files import write_text_atomic
+from ..files import write_bytes_atomic, write_text_atomic
 from ..progress import track
 from ..slim import slim
+from .filebench import BENCH_FORMAT
 from .layers import FIXED, bin_sizes, find_layers, widths
 from .stats import CV_THRESHOLD
-from .targets import Target, runtime, target_for
+from .targets import Target, onnx_bytes, runtime, target_for
 
 log = logging.getLogger("compressor.latency")
 CACHE_FORMAT = "compressor-latency-1"
+PROBES_FORMAT = "compressor-probes-1"
+PROBE_KEY = "compressor_probe"  # the ONNX metadata entry naming what a probe file times
 
 
 def default_cache_dir() -> str:
@@ -141,32 +144,35 @@ def _timing(m) -> dict:
 
 # -- building ------------------------------------------------------------------------------------
 def build_latency_model(model, space, target="ort-cpu", *, cache_dir=None, points=None, calibration=20,
-                        seed=0, progress=True, attach=True, **target_options) -> LatencyModel:
+                        seed=0, progress=True, attach=True, measurements=None, **target_options) -> LatencyModel:
     """Measure `model`'s layers on `target` at every width their groups can take (with `points`,
     at most that many widths per dimension, linearly interpolated between), then time `calibration`
     slim subnetworks end to end (the full and the smallest configuration among them) and fit
     measured = slope * table sum + intercept. Measurements are cached in `cache_dir` (default
     ~/.cache/compressor/latency; cache_dir=False disables it) per device, runtime, precision,
     batch, input shape and model fingerprint. With `attach`, `space.latency(cfg, target)` and
-    latency budgets on that runtime use the result."""
+    latency budgets on that runtime use the result.
+
+    `measurements`: a `compressor bench --json` file, or a folder of them, holding the timings of
+    the probe files that `export_probes` (same space, target, points, calibration and seed) wrote
+    and that were benched on the device: the model is then built from those timings alone, nothing
+    is measured (or cached) here, and `info["measured_on"]` names the device."""
     target = target_for(target, space.example_input, **target_options)
     if calibration < 3:
         raise ConfigError(f"the calibration fit needs at least 3 subnetworks, got calibration={calibration}")
-    rt = runtime(target)
     t0 = time.time()
-    key = cache_key(space, target, rt.info)
-    cache = _Cache(None if cache_dir is False else cache_path(cache_dir or default_cache_dir(), key), key)
-    layers = find_layers(model, space)
-    grids = [(widths(space, l.cin, points) if l.kind != "depthwise" else None, widths(space, l.cout, points))
-             for l in layers]
-
-    todo = {}  # signature -> (layer, cin, cout): what the cache lacks
-    for layer, (win, wout) in zip(layers, grids):
-        for ci in (wout if win is None else win):
-            for co in ([ci] if win is None else wout):
-                sig = layer.signature(ci, co)
-                if sig not in cache.data["layers"]:
-                    todo.setdefault(sig, (layer, int(ci), int(co)))
+    layers, grids, jobs, cfgs = _plan(model, space, points, calibration, seed)
+    if measurements is not None:  # timed elsewhere (on the device): nothing is measured here
+        rt = None
+        cache = _Cache(None, None)
+        info = _read_measurements(measurements, space, target, cache.data, jobs, cfgs,
+                                  dict(points=points, calibration=calibration, seed=seed))
+    else:
+        rt = runtime(target)
+        info = rt.info
+        key = cache_key(space, target, info)
+        cache = _Cache(None if cache_dir is False else cache_path(cache_dir or default_cache_dir(), key), key)
+    todo = {sig: job for sig, job in jobs.items() if sig not in cache.data["layers"]}  # what the cache lacks
     for sig, (layer, ci, co) in track(todo.items(), f"latency table {target.runtime}", enabled=progress, log=log):
         module, x = layer.module_and_input(ci, co, target.batch)
         # per-layer timings are microseconds long and often noisy: one summary warning below
@@ -183,7 +189,6 @@ def build_latency_model(model, space, target="ort-cpu", *, cache_dir=None, point
     gout = [l.cout.group for l in layers]
     draft = LatencyModel(target, table, gin, gout, 1.0, 0.0, 0.0)
 
-    cfgs = _calibration_configs(space, calibration, seed)
     done = {tuple(p["cfg"]) for p in cache.data["calibration"]}
     x = target.example()
     for cfg in track([c for c in cfgs if c not in done], "latency calibration", enabled=progress, log=log):
@@ -199,7 +204,7 @@ def build_latency_model(model, space, target="ort-cpu", *, cache_dir=None, point
         log.warning("latency calibration found no increasing trend (slope %.3g); using a plain scale", slope)
         slope, intercept = measured.sum() / raw.sum(), 0.0
     original = next(p["median_us"] for p in points_used if tuple(p["cfg"]) == space.max())
-    info = dict(rt.info, layers=len(layers), measurements=len(cache.data["layers"]), cache=cache.path,
+    info = dict(info, layers=len(layers), measurements=len(cache.data["layers"]), cache=cache.path,
                 calibration_points=len(points_used), build_s=round(time.time() - t0, 2),
                 calibration_mape=float(np.mean(np.abs(slope * raw + intercept - measured) / measured)))
     floors = (np.array([p["cfg"] for p in points_used]), measured)
@@ -210,6 +215,113 @@ def build_latency_model(model, space, target="ort-cpu", *, cache_dir=None, point
     log.info("latency model for %s: %d layers, %d layer timings, %d subnets; original %.0f us; %.1fs",
              target.name, len(layers), len(cache.data["layers"]), len(points_used), original, time.time() - t0)
     return result
+
+
+def _plan(model, space, points, calibration, seed):
+    """(layers, their width grids, {signature: (layer, cin, cout)} of every layer timing, the
+    calibration configurations): what a latency model of `space` times."""
+    layers = find_layers(model, space)
+    grids = [(widths(space, l.cin, points) if l.kind != "depthwise" else None, widths(space, l.cout, points))
+             for l in layers]
+    jobs = {}
+    for layer, (win, wout) in zip(layers, grids):
+        for ci in (wout if win is None else win):
+            for co in ([ci] if win is None else wout):
+                jobs.setdefault(layer.signature(ci, co), (layer, int(ci), int(co)))
+    return layers, grids, jobs, _calibration_configs(space, calibration, seed)
+
+
+def _probe_key(space, target, plan) -> dict:
+    return {"format": PROBES_FORMAT, "fingerprint": space.fingerprint, "bins": space.bins,
+            "divisor": space.divisor, "target": target.name, **plan}
+
+
+def export_probes(model, space, out_dir, target="ort-cpu", *, points=None, calibration=20, seed=0,
+                  **target_options) -> list:
+    """Write what `build_latency_model` would time as ONNX files into `out_dir`, to be timed on
+    another machine (the edge device, with only onnxruntime and numpy: `compressor bench OUT_DIR
+    --json timings.json`): one `layer-*.onnx` per distinct layer timing and one `subnet-*.onnx` per
+    calibration subnetwork, each naming in its metadata what it times. Then, back here,
+    `build_latency_model(model, space, target, points=..., calibration=..., seed=...,
+    measurements="timings.json")` builds the latency model from the device's timings. ONNX
+    Runtime targets only. Returns the paths written."""
+    target = target_for(target, space.example_input, **target_options)
+    if not target.runtime.startswith("ort-"):
+        raise ConfigError(f"probe files are ONNX models, timed on ort-cpu or ort-cuda, not {target.runtime!r}")
+    import onnx
+
+    _, _, jobs, cfgs = _plan(model, space, points, calibration, seed)
+    key = _probe_key(space, target, dict(points=points, calibration=calibration, seed=seed))
+    written = []
+
+    def write(name, module, x, what):
+        proto = onnx.load_from_string(onnx_bytes(module, x))
+        onnx.helper.set_model_props(proto, {PROBE_KEY: json.dumps(dict(key, **what))})
+        path = os.path.join(out_dir, name)
+        write_bytes_atomic(path, proto.SerializeToString())
+        written.append(path)
+
+    os.makedirs(out_dir, exist_ok=True)
+    for sig, (layer, ci, co) in jobs.items():
+        write(f"layer-{hashlib.sha1(sig.encode()).hexdigest()[:12]}.onnx", *layer.module_and_input(ci, co, target.batch),
+              {"layer": sig})
+    x = target.example()
+    for i, cfg in enumerate(cfgs):
+        write(f"subnet-{i:03d}.onnx", slim(model, space, cfg, "left", check=False), x, {"cfg": list(cfg)})
+    log.info("wrote %d layer and %d subnet probes for %s to %s", len(jobs), len(cfgs), target.name, out_dir)
+    return written
+
+
+def _read_measurements(path, space, target, data, jobs, cfgs, plan) -> dict:
+    """Fill `data` ({"layers", "calibration"}) from bench JSON(s) at `path` and return the info of
+    the machine they were timed on. ConfigError when they belong to another space or target, or
+    when timings are missing."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".json"))
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise ConfigError(f"measurements {path!r} does not exist: pass a `compressor bench --json` file or a folder of them")
+    key = _probe_key(space, target, plan)
+    machines, wrong = [], set()
+    for file in files:
+        with open(file) as f:
+            doc = json.load(f)
+        if doc.get("format") != BENCH_FORMAT:
+            raise ConfigError(f"{file} is not a `compressor bench --json` file (no format {BENCH_FORMAT!r})")
+        machines.append(doc["machine"])
+        for r in doc["results"]:
+            probe = r["info"].get("metadata", {}).get(PROBE_KEY)
+            if probe is None:
+                continue  # a benched model that is not a probe
+            probe = json.loads(probe)
+            differs = sorted(k for k in key if probe.get(k) != key[k])
+            if differs:
+                wrong.add(f"{r['model']} ({', '.join(f'{k} {probe.get(k)!r}, here {key[k]!r}' for k in differs)})")
+                continue
+            timing = {"median_us": r["p50_ms"] * 1e3, "p90_us": r["p90_ms"] * 1e3, "cv": r["cv"],
+                      "unstable": r["unstable"]}
+            if "layer" in probe:
+                data["layers"][probe["layer"]] = timing
+            else:
+                data["calibration"].append(dict(cfg=probe["cfg"], **timing))
+    fix = (f"export the probes of this model, space and target with export_probes(model, space, DIR, "
+           f"{target.runtime!r}, points={plan['points']}, calibration={plan['calibration']}, seed={plan['seed']}), "
+           f"bench them on the device (compressor bench DIR --target {target.runtime} --json timings.json) "
+           f"and pass that file")
+    if wrong:
+        raise ConfigError(f"{len(wrong)} probe timings in {path} were made for another space or target: "
+                          f"{'; '.join(sorted(wrong)[:3])}: {fix}")
+    missing_layers = [s for s in jobs if s not in data["layers"]]
+    timed = {tuple(p["cfg"]) for p in data["calibration"]}
+    missing_cfgs = [c for c in cfgs if c not in timed]
+    if missing_layers or missing_cfgs:
+        raise ConfigError(f"measurements {path} lack {len(missing_layers)} of {len(jobs)} layer timings and "
+                          f"{len(missing_cfgs)} of {len(cfgs)} calibration subnets: {fix}")
+    where = machines[0]
+    return {"runtime": target.runtime, "target": target.name, "precision": target.precision,
+            "device": where.get("device", "unknown"), "versions": {k: where.get(k) for k in ("onnxruntime", "python", "numpy")},
+            "measured_on": where, "measurements_from": os.path.abspath(path)}
 
 
 def _layer_table(space, layer, win, wout, timings) -> np.ndarray:

@@ -41,10 +41,12 @@ def session(model, device="cpu", threads=1):
     return ort.InferenceSession(model, options, providers=[PROVIDERS[device]])
 
 
-def input_array(sess, batch=1, shape=None, seed=0):
+def input_array(sess, batch=None, shape=None, seed=0):
     """A random float input for the session's first input: `shape` (C, H, W, ...) or the model's
-    own static dims, at `batch`."""
+    own static dims, at `batch` (default: the model's static batch, else 1)."""
     meta = sess.get_inputs()[0]
+    if batch is None:  # the model's own static batch, else 1
+        batch = meta.shape[0] if meta.shape and isinstance(meta.shape[0], int) else 1
     if shape is None:
         shape = meta.shape[1:]
         if any(not isinstance(d, int) for d in shape):
@@ -66,7 +68,15 @@ class InvalidModelFile(ValueError):
     """ONNX Runtime cannot load the file (empty, truncated, not ONNX)."""
 
 
-def bench_onnx(path, *, batch=1, shape=None, device="cpu", threads=1, warmup=10, reps=100) -> Measurement:
+def machine() -> dict:
+    """Where a timing was taken: the CPU, the system and the library versions."""
+    import onnxruntime as ort
+    return {"device": cpu_name(), "machine": platform.machine(), "system": platform.platform(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+            "onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
+
+
+def bench_onnx(path, *, batch=None, shape=None, device="cpu", threads=1, warmup=10, reps=100) -> Measurement:
     """Latency of an ONNX file on ONNX Runtime."""
     require_ort(device)
     try:
@@ -77,6 +87,7 @@ def bench_onnx(path, *, batch=1, shape=None, device="cpu", threads=1, warmup=10,
                                f"or not an ONNX model; export it again") from e
     m = measure_session(sess, input_array(sess, batch, shape), warmup=warmup, reps=reps, what=str(path))
     m.info["threads"] = threads
+    m.info["metadata"] = dict(sess.get_modelmeta().custom_metadata_map)  # e.g. a latency probe's signature
     return m
 
 
