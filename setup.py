@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         "trt": ["tensorrt>=10,<11", "pycuda"],
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "ninja"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "ninja", "timm"],
     },
     entry_points={"console_scripts": ["compressor=compressor.cli:main"]},
 )

@@ -115,7 +115,6 @@ def run_checked(model: nn.Module, example_input: torch.Tensor, what: str):
 
 def _failing_op(exc, model):
     """(module name, op) of the graph node Torch-Pruning was handling when it raised."""
-    names = {m: n for n, m in model.named_modules()}
     node, tb = None, exc.__traceback__
     while tb is not None:
         # the first Node-valued local of the innermost frame is the node being handled
@@ -123,6 +122,12 @@ def _failing_op(exc, model):
         tb = tb.tb_next
     if node is None:
         return type(model).__name__, "trace"
+    return _failing_op_of_node(node, model)
+
+
+def _failing_op_of_node(node, model):
+    """(name of the nearest module feeding `node`, its op)."""
+    names = {m: n for n, m in model.named_modules()}
     op = type(node.grad_fn).__name__ if node.grad_fn is not None else node.name
     seen, frontier = set(), [node]
     while frontier:  # nearest named module feeding the failing op
@@ -144,14 +149,40 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, train_mode: bool 
 
     try:
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, forward_fn=forward,
-                                                         verbose=False)
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, forward_fn=forward,
+                                                          verbose=False)
     except Exception as e:
         module, op = _failing_op(e, model)
         raise UnsupportedModelError(
             f"{type(model).__name__} is not supported: Torch-Pruning cannot map channels through the "
             f"op {op} after module '{module}' ({type(e).__name__}: {e}). Channel shuffles, and reshapes "
             f"or concatenations that mix the channel dimension with others, cannot be slimmed.", module=module, op=op) from e
+    _check_splits(model, graph)
+    return graph
+
+
+def _check_splits(model, graph):
+    """Refuse a channel split whose pieces Torch-Pruning got wrong. It maps the i-th consumer of a
+    split to the i-th piece, and reads the piece sizes of `x.split(n)` from autograd fields this
+    torch no longer has; a piece consumed twice (CSPNet: a block's conv and its residual add) or an
+    inferred size then shifts every index after it (cspresnet50: [0, 256, 384, 512] for a 256
+    channel split in two)."""
+    for node in graph.module2node.values():
+        fn = node.grad_fn
+        if node.type != tp.ops.OPTYPE.SPLIT or getattr(fn, "_saved_dim", 1) != 1 or \
+                not hasattr(fn, "_saved_self_sym_sizes"):
+            continue
+        total = int(fn._saved_self_sym_sizes[1])
+        sizes = list(fn._saved_split_sizes) if hasattr(fn, "_saved_split_sizes") else \
+            [min(fn._saved_split_size, total - start) for start in range(0, total, fn._saved_split_size)]
+        offsets = [0, *np.cumsum(sizes).tolist()]
+        if list(node.module.offsets or []) != offsets or len(node.outputs) != len(sizes):
+            module, _ = _failing_op_of_node(node, model)
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is not supported: the channel split after module '{module}' "
+                f"({len(sizes)} pieces of {sizes} channels, read by {len(node.outputs)} ops) is one "
+                f"Torch-Pruning cannot map (it finds offsets {node.module.offsets}); a split whose "
+                f"piece feeds two ops, as in CSPNet, cannot be slimmed", module=module, op="split")
 
 
 def _freeze_reason(group_items, graph, names, exclude_match):
@@ -180,6 +211,15 @@ def _freeze_reason(group_items, graph, names, exclude_match):
     if consumers == 0:
         return "these channels reach the model output (the classifier output is never pruned)"
     return None
+
+
+def _layer_size(module, role):
+    """The number of channels of `module` on `role` ("out": outputs or normalised features)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features if role == "out" else module.in_features
+    if isinstance(module, _BN):
+        return module.num_features
+    return module.out_channels if role == "out" else module.in_channels
 
 
 def _index_table(root_of_idx, size):
@@ -234,6 +274,15 @@ def find_groups(model: nn.Module, graph: tp.DependencyGraph, exclude=()):
             if table is None:
                 reason = f"module '{mname}' maps these channels unevenly"
                 break
+            width = _layer_size(model.get_submodule(mname), role)
+            if table.max() >= width:  # our own check of Torch-Pruning's index mapping
+                ops = sorted({item.dep.target.name for item in tp_group.items
+                              if item.dep.target.type in _PASS_THROUGH_OPS}) or ["?"]
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} is not supported: Torch-Pruning maps channels of group '{gname}' "
+                    f"to index {int(table.max())} of module '{mname}', which has {width} "
+                    f"{'output' if role == 'out' else 'input'} channels, through the op(s) {', '.join(ops)}",
+                    module=mname, op=ops[-1])
             index[(mname, role)] = table
             members.append(Member(mname, role, kind))
         if reason is not None:

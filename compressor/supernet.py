@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
 import types
 from collections import defaultdict
 
@@ -81,7 +82,8 @@ class Supernet(nn.Module):
         are exactly one group in index order, so the active channels are one contiguous window."""
         convs = {}
         for name, module in self.model.named_modules():
-            if not isinstance(module, nn.Conv2d) or isinstance(module.padding, str) or module.padding_mode != "zeros":
+            if not isinstance(module, nn.Conv2d) or isinstance(module.padding, str) or module.padding_mode != "zeros" \
+                    or _conv_padding(module) is None:
                 continue
             depthwise = module.groups == module.in_channels == module.out_channels > 1
             if module.groups != 1 and not depthwise:
@@ -102,10 +104,11 @@ class Supernet(nn.Module):
         return convs
 
     def _windowed_norms(self, identity):
-        """{batch norm name: group} for BatchNorm2d layers whose channels are exactly one group in index order."""
+        """{batch norm name: group} for BatchNorm2d layers whose channels are exactly one group in
+        index order, and whose forward is batch norm's own or a known subclass's (_after_norm)."""
         norms = {}
         for name, module in self.model.named_modules():
-            if isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, nn.BatchNorm2d) and _after_norm(module) is not None:
                 covering = self._covering(name, "out")
                 if len(covering) == 1 and identity.get((name, "out")) == covering and \
                         self.space.groups[covering[0]].size == module.num_features:
@@ -117,16 +120,17 @@ class Supernet(nn.Module):
             window = self._norm_windows.get(name)
             if window is None:
                 return type(module).forward(module, x)
-            return _batch_norm_window(module, x, *window)
+            return _batch_norm_window(module, x, *window, after=_after_norm(module))
         return forward
 
     def _windowed_forward(self, name):
         def forward(module, x):
             windows = self._conv_windows.get(name)
             if windows is None:
-                return module._conv_forward(x, module.weight, module.bias)
+                return type(module).forward(module, x)
+            x, padding = _conv_padding(module)(x)
             return masked_conv2d(x, module.weight, module.bias, windows[1], windows[0], module.stride,
-                                 module.padding, module.dilation, module.groups, impl=self.impl)
+                                 padding, module.dilation, module.groups, impl=self.impl)
         return forward
 
     def _mask_hook(self, name):
@@ -203,10 +207,41 @@ class Supernet(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def _batch_norm_window(bn, x, start, length):
+def _timm_class(module_name, class_name):
+    """A timm layer class if timm is loaded (a model holding timm layers has loaded it), else None."""
+    return getattr(sys.modules.get(module_name), class_name, None)
+
+
+def _after_norm(bn):
+    """What a batch norm layer computes after normalising, as a function of the normalised window:
+    nothing for nn.BatchNorm2d (and subclasses that keep its forward), drop then activation for
+    timm's BatchNormAct2d; None for a subclass with another forward, which then runs full width and
+    is masked (its own forward, whatever it does, stays in charge)."""
+    if type(bn).forward is nn.modules.batchnorm._BatchNorm.forward:
+        return lambda y: y
+    if type(bn) is _timm_class("timm.layers.norm_act", "BatchNormAct2d"):
+        return lambda y: bn.act(bn.drop(y))
+    return None
+
+
+def _conv_padding(conv):
+    """How a conv pads its input, as x -> (padded x, padding for the conv itself): its own padding
+    for nn.Conv2d (and subclasses that keep its forward), timm's dynamic TF "same" padding for
+    Conv2dSame; None for a subclass with another forward (weight standardisation, ...), which then
+    runs full width and is masked."""
+    if type(conv).forward is nn.Conv2d.forward:
+        return lambda x: (x, conv.padding)
+    if type(conv) is _timm_class("timm.layers.conv2d_same", "Conv2dSame"):
+        from timm.layers.padding import pad_same
+        return lambda x: (pad_same(x, conv.kernel_size, conv.stride, conv.dilation), 0)
+    return None
+
+
+def _batch_norm_window(bn, x, start, length, after=None):
     """`bn` on channels [start, start + length) of x only, zeros elsewhere: what bn then the channel
     mask computes, at the window's cost. The other channels' running statistics stay untouched
-    (METHOD section 2); the update rule is nn.BatchNorm2d.forward's."""
+    (METHOD section 2); the update rule is nn.BatchNorm2d.forward's. `after` (what a subclass such
+    as timm's BatchNormAct2d applies after normalising) runs on the window, before the zeros."""
     stop = start + length
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -220,6 +255,8 @@ def _batch_norm_window(bn, x, start, length):
     y = F.batch_norm(x[:, start:stop].contiguous(), window(bn.running_mean) if stats else None,
                      window(bn.running_var) if stats else None, window(bn.weight), window(bn.bias),
                      use_batch_stats, factor, bn.eps)
+    if after is not None:
+        y = after(y)
     return F.pad(y, (0, 0, 0, 0, start, bn.num_features - stop))
 
 

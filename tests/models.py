@@ -13,6 +13,12 @@ CI_SUBSET = ["resnet18", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small"
              "densenet121", "regnet_x_400mf", "shufflenet_v2_x0_5", "squeezenet1_0", "vgg11_bn"]
 
 
+# timm models CI runs (timm 1.0.x, random weights, 64x64): BatchNormAct2d (mobilenetv3, a BN
+# subclass that also applies its activation), Conv2dSame (tf_efficientnet_lite0, TF "same"
+# dynamic padding), a plain ResNet variant, and CSPNet's channel split that analyze refuses.
+TIMM_CI_SUBSET = ["mobilenetv3_small_050", "tf_efficientnet_lite0", "resnet10t", "cspresnet50"]
+
+
 def input_size(name, default=DEFAULT_SIZE):
     """The square input size a model is tested at."""
     if name.startswith("vit_"):
@@ -23,3 +29,9 @@ def input_size(name, default=DEFAULT_SIZE):
 def build(name, **kwargs):
     """A randomly initialised torchvision model."""
     return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def build_timm(name, **kwargs):
+    """A randomly initialised timm model (never downloads weights)."""
+    import timm
+    return timm.create_model(name, pretrained=False, **kwargs)
