@@ -69,10 +69,12 @@ class CostModel:
         handles = []
         for name, module in model.named_modules():
             if layer_kind(module) in ("conv", "depthwise", "grouped_conv", "linear"):
-                # output elements per output channel of one sample: H*W for a conv, the
-                # number of rows (tokens) for a linear
+                # output elements per output channel of the one-sample forward: H*W for a conv,
+                # the number of rows (tokens) for a linear. The whole output, not o[0]: a model may
+                # fold the spatial grid into the batch dimension (MobileViT's transformer runs on
+                # (patch_area, patches, dim) for one image), and o[0] would be one patch position
                 handles.append(module.register_forward_hook(lambda m, i, o, name=name: calls.append(
-                    (name, m, o[0].numel() // (m.out_features if isinstance(m, nn.Linear) else m.out_channels)))))
+                    (name, m, o.numel() // (m.out_features if isinstance(m, nn.Linear) else m.out_channels)))))
         try:
             with torch.no_grad():
                 model(sample)
