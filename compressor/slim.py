@@ -225,7 +225,7 @@ def _check_parity(model, space, cfg, side, small, x, tolerance):
     diff = max(max_rel_diff(a, b) for a, b in zip(tree_leaves(y_net), tree_leaves(y_small)))
     if diff <= tolerance:
         return
-    culprit = "the model output"
+    culprit, where = "the model output", type(model).__name__
     for name in order:
         active = net.active_channels(name)
         full = recorded["net"][name]
@@ -233,13 +233,15 @@ def _check_parity(model, space, cfg, side, small, x, tolerance):
         expected = full if active is None else full.index_select(dim, active.to(full.device))
         got = recorded["small"].get(name)
         if got is None or got.shape != expected.shape or max_rel_diff(expected, got) > tolerance:
-            culprit = f"module '{name}' ({type(net.model.get_submodule(name)).__name__})"
+            culprit, where = f"module '{name}' ({type(net.model.get_submodule(name)).__name__})", name
             break
     raise UnsupportedModelError(
         f"slimming {type(model).__name__} changed what it computes (relative difference {diff:.2e} "
-        f"> {tolerance:.0e}); the first layer that disagrees is {culprit}. Torch-Pruning's graph does "
-        f"not capture an op around it exactly: pass exclude=[...] naming that layer to cz.analyze "
-        f"to keep its channels fixed.", module=culprit, op="slim parity")
+        f"> {tolerance:.0e}); the first layer that disagrees is {culprit}. Either an op around it is "
+        f"not captured exactly by Torch-Pruning's graph, or the layer computes something that masking "
+        f"and slicing do not agree on (its own forward, e.g. a weight standardised over its input "
+        f"channels): pass exclude=[...] naming that layer to cz.analyze to keep its channels fixed.",
+        module=where, op="slim parity")
 
 
 def _shapes(model: nn.Module) -> dict:
