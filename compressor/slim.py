@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_leaves
 from ._version import __version__
 from .errors import ConfigError, UnsupportedModelError
 from .files import atomic_torch_save
-from .groups import layer_kind
+from .groups import innermost_module_on_error, layer_kind
 from .models import PROJECT_BUILDERS, is_known_builder, load_model
 from .space import WidthSpace, check_side
 from .supernet import Supernet, check_space
@@ -217,7 +217,18 @@ def _check_parity(model, space, cfg, side, small, x, tolerance):
     handles += [small.get_submodule(n).register_forward_hook(recorder("small", n)) for n in names]
     try:
         with torch.no_grad():
-            y_net, y_small = net(x), small(x)
+            y_net = net(x)
+            try:
+                with innermost_module_on_error(small) as culprit:
+                    y_small = small(x)
+            except RuntimeError as e:  # a shape error: channels used by an op no layer owns
+                name, kind = culprit[0] if culprit else (type(model).__name__, "?")
+                raise UnsupportedModelError(
+                    f"slimming {type(model).__name__} leaves a model that cannot run: module '{name}' "
+                    f"({kind}) fails on the slimmed channels ({(str(e).splitlines() or [''])[0][:200]}). "
+                    f"Something in it uses these channels outside Torch-Pruning's graph (a buffer or a "
+                    f"functional op with a fixed channel count, e.g. a blur filter): pass exclude=[...] "
+                    f"to cz.analyze to keep the channels around it fixed.", module=name, op=kind) from e
     finally:
         for h in handles:
             h.remove()

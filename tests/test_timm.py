@@ -106,3 +106,15 @@ def test_cost_counts_linears_on_folded_batches():
         small = cz.slim(model, space, cfg, "left", check=False)
         assert cz.measure_flops(small, example) == space.flops(cfg), seed
         assert cz.count_params(small) == space.params(cfg)
+
+
+def test_slim_names_the_module_a_slim_model_fails_in():
+    """resnetblur18's BlurPool2d filters its input with a buffer of fixed channel count, outside
+    Torch-Pruning's graph: the slim model cannot run, and slim refuses naming that module instead
+    of the raw RuntimeError."""
+    model = build_timm("resnetblur18", num_classes=10).eval()
+    example = torch.randn(1, 3, SIZE, SIZE)
+    space = cz.analyze(model, example)
+    with pytest.raises(cz.UnsupportedModelError) as info:
+        cz.slim(model, space, space.uniform(0.5), "left")
+    assert info.value.module == "maxpool.1" and "BlurPool2d" in str(info.value)
