@@ -162,12 +162,17 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, train_mode: bool 
 
 
 def _check_splits(model, graph):
-    """Refuse a channel split whose pieces Torch-Pruning got wrong. It maps the i-th consumer of a
-    split to the i-th piece, and reads the piece sizes of `x.split(n)` from autograd fields this
-    torch no longer has; a piece consumed twice (CSPNet: a block's conv and its residual add) or an
-    inferred size then shifts every index after it (cspresnet50: [0, 256, 384, 512] for a 256
-    channel split in two)."""
-    for node in graph.module2node.values():
+    """Map every channel split's consumers to the pieces they read. Torch-Pruning maps the i-th
+    consumer of a split to the i-th piece and reads the piece sizes of `x.split(n)` from autograd
+    fields this torch no longer has: a piece read by two ops (CSPNet: a block's conv and its
+    residual add) or an inferred size then shifts every index after it (cspresnet50: offsets
+    [0, 256, 384, 512] for 256 channels split in two; res2net: 112 for the first of 8 pieces of 14).
+    Here each consumer's piece is read from autograd (the output number it takes from the split)
+    and its index mapping set from the true offsets; a consumer whose piece cannot be told is an
+    UnsupportedModelError naming the module before the split."""
+    from torch_pruning.dependency.index_mapping import _SplitIndexMapping
+    node_fns = {n.grad_fn for n in graph.module2node.values() if n.grad_fn is not None}
+    for node in list(graph.module2node.values()):
         fn = node.grad_fn
         if node.type != tp.ops.OPTYPE.SPLIT or getattr(fn, "_saved_dim", 1) != 1 or \
                 not hasattr(fn, "_saved_self_sym_sizes"):
@@ -176,13 +181,35 @@ def _check_splits(model, graph):
         sizes = list(fn._saved_split_sizes) if hasattr(fn, "_saved_split_sizes") else \
             [min(fn._saved_split_size, total - start) for start in range(0, total, fn._saved_split_size)]
         offsets = [0, *np.cumsum(sizes).tolist()]
-        if list(node.module.offsets or []) != offsets or len(node.outputs) != len(sizes):
-            module, _ = _failing_op_of_node(node, model)
-            raise UnsupportedModelError(
-                f"{type(model).__name__} is not supported: the channel split after module '{module}' "
-                f"({len(sizes)} pieces of {sizes} channels, read by {len(node.outputs)} ops) is one "
-                f"Torch-Pruning cannot map (it finds offsets {node.module.offsets}); a split whose "
-                f"piece feeds two ops, as in CSPNet, cannot be slimmed", module=module, op="split")
+        for out in node.outputs:
+            pieces = _pieces_read(out.grad_fn, fn, node_fns)
+            if len(pieces) != 1:
+                module, _ = _failing_op_of_node(node, model)
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} is not supported: an op after the channel split after "
+                    f"module '{module}' ({len(sizes)} pieces of {sizes} channels) reads "
+                    f"{'no piece that can be told' if not pieces else f'pieces {sorted(pieces)} at once'}; "
+                    f"Torch-Pruning cannot map it", module=module, op="split")
+            piece = pieces.pop()
+            for dep in node.dependencies:
+                if dep.target is out:
+                    dep.index_mapping[0] = _SplitIndexMapping(offset=offsets[piece:piece + 2], reverse=False)
+            for dep in out.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[0] = _SplitIndexMapping(offset=offsets[piece:piece + 2], reverse=True)
+        node.module.split_sizes, node.module.offsets = sizes, offsets
+
+
+def _pieces_read(fn, split_fn, node_fns, depth=8):
+    """The output numbers of `split_fn` that autograd node `fn` reads, directly or through
+    autograd nodes that are no graph node of Torch-Pruning's (views, copies)."""
+    pieces = set()
+    for parent, nr in (fn.next_functions if fn is not None else ()):
+        if parent is split_fn:
+            pieces.add(nr)
+        elif parent is not None and parent not in node_fns and depth > 0:
+            pieces |= _pieces_read(parent, split_fn, node_fns, depth - 1)
+    return pieces
 
 
 def _freeze_reason(group_items, graph, names, exclude_match):

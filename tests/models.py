@@ -15,7 +15,8 @@ CI_SUBSET = ["resnet18", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small"
 
 # timm models CI runs (timm 1.0.x, random weights, 64x64): BatchNormAct2d (mobilenetv3, a BN
 # subclass that also applies its activation), Conv2dSame (tf_efficientnet_lite0, TF "same"
-# dynamic padding), a plain ResNet variant, and CSPNet's channel split that analyze refuses.
+# dynamic padding), a plain ResNet variant, and CSPNet's channel split (mapped by analyze, its
+# fixed-size pieces kept).
 TIMM_CI_SUBSET = ["mobilenetv3_small_050", "tf_efficientnet_lite0", "resnet10t", "cspresnet50"]
 
 
