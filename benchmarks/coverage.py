@@ -54,7 +54,7 @@ def torch_pruning_runs(zoo, name, x):
         return f"fails: {type(e).__name__}: {str(e)[:150]}"
 
 
-def check_model(zoo, name, size, queue):
+def check_model(zoo, name, size, time_limit, queue):
     import torch
     import compressor as cz
 
@@ -64,7 +64,7 @@ def check_model(zoo, name, size, queue):
     try:
         t0 = time.time()
         model = build(zoo, name)
-        space = cz.analyze(model, x)
+        space = cz.analyze(model, x, time_limit=time_limit)  # a clear refusal before the process limit
         row.update(groups=len(space), frozen=len(space.frozen), analyze_s=round(time.time() - t0, 1))
         parity = cost = 0
         for side in ("left", "right"):
@@ -116,7 +116,7 @@ def main():
     done = {r["model"] for r in rows}
     for name in [n for n in names if n not in done]:
         queue = ctx.Queue()
-        proc = ctx.Process(target=check_model, args=(args.zoo, name, input_size(name, args.size), queue))
+        proc = ctx.Process(target=check_model, args=(args.zoo, name, input_size(name, args.size), max(10, args.timeout // 2), queue))
         proc.start()
         proc.join(args.timeout)
         timed_out = proc.is_alive()

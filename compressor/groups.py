@@ -9,6 +9,9 @@ for every member layer, which of its channel indices belong to which channel of 
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,6 +114,44 @@ def run_checked(model: nn.Module, example_input: torch.Tensor, what: str):
             f"{tuple(example_input.shape)}: {e}. Pass an example input the model accepts, "
             f"e.g. torch.randn(1, 3, 224, 224) for an ImageNet classifier."
         ) from e
+
+
+class _TimeLimit(BaseException):
+    """Raised inside whatever Torch-Pruning runs when analysis takes longer than its time limit; a
+    BaseException, as KeyboardInterrupt, so that Torch-Pruning's `except Exception` cannot swallow it."""
+
+
+@contextlib.contextmanager
+def graph_time_limit(seconds, model):
+    """Torch-Pruning's tracing and grouping may loop for hours on some graphs (rexnet_100,
+    ecaresnet26t): after `seconds`, an UnsupportedModelError naming the module and op it was
+    handling. Works in the main thread on POSIX (SIGALRM); elsewhere, or when an earlier alarm
+    is already set (pytest-timeout's), there is no limit of ours (theirs stays and is restored)."""
+    remaining = signal.getitimer(signal.ITIMER_REAL)[0] if hasattr(signal, "setitimer") else 0
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread() \
+            or (remaining and remaining <= seconds):
+        yield
+        return
+
+    def alarm(signum, frame):
+        raise _TimeLimit()
+
+    start = time.monotonic()
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _TimeLimit as e:
+        module, op = _failing_op(e, model)
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not supported: Torch-Pruning's analysis of its graph took more "
+            f"than {seconds:g} s (it was handling the op {op} after module '{module}'; some graphs make it "
+            f"loop for hours). Pass time_limit= to cz.analyze for a longer wait.", module=module, op=op) from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if remaining:  # the earlier alarm, less the time spent here
+            signal.setitimer(signal.ITIMER_REAL, max(remaining - (time.monotonic() - start), 1e-3))
 
 
 def _failing_op(exc, model):

@@ -10,7 +10,7 @@ from torch import nn
 
 from .cost import CostModel
 from .errors import ConfigError, UnsupportedModelError
-from .groups import build_graph, find_groups, run_checked
+from .groups import build_graph, find_groups, graph_time_limit, run_checked
 
 SIDES = ("left", "right")
 
@@ -244,13 +244,15 @@ def _traced(work, example_input):
 
 
 def analyze(model: nn.Module, example_input: torch.Tensor, bins: int = 20, divisor: int = 8,
-            exclude=(), min_ratio: float = 0.0, max_ratio: float = 1.0) -> WidthSpace:
+            exclude=(), min_ratio: float = 0.0, max_ratio: float = 1.0, time_limit: float = 300.0) -> WidthSpace:
     """Find the channel groups of `model` and build its width space and exact cost model.
 
     `divisor`: widths are multiples of it (1 disables alignment); "auto" picks one per group
     with auto_divisor. `exclude` holds module names or types whose output channels stay fixed. `min_ratio` and
-    `max_ratio` bound every group's width (as a fraction of its original size). The model is
-    not modified: the analysis runs on a copy.
+    `max_ratio` bound every group's width (as a fraction of its original size). `time_limit`:
+    seconds Torch-Pruning's tracing and grouping may take before an UnsupportedModelError (some
+    graphs make it loop for hours; None: no limit). The model is not modified: the analysis runs
+    on a copy.
     """
     check_model(model, example_input)
     if not isinstance(bins, int) or bins < 1:
@@ -266,8 +268,9 @@ def analyze(model: nn.Module, example_input: torch.Tensor, bins: int = 20, divis
     example_input = example_input.detach().to(next(work.parameters(), example_input).device)
     with torch.no_grad():
         run_checked(work, example_input, "analyze")
-    graph = _traced(work, example_input)
-    groups, frozen = find_groups(work, graph, exclude)
+    with graph_time_limit(time_limit, work):
+        graph = _traced(work, example_input)
+        groups, frozen = find_groups(work, graph, exclude)
     if not groups:
         reasons = "; ".join(f"{n}: {r}" for n, r in list(frozen.items())[:5])
         raise UnsupportedModelError(

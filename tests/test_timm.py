@@ -121,3 +121,22 @@ def test_slim_names_the_module_a_slim_model_fails_in():
     with pytest.raises(cz.UnsupportedModelError) as info:
         cz.slim(model, space, space.uniform(0.5), "left")
     assert info.value.module == "maxpool.1" and "BlurPool2d" in str(info.value)
+
+
+def test_analysis_time_limit_names_module_and_op():
+    """Torch-Pruning's grouping loops for a very long time on ecaresnet26t (its ECA conv1d over the
+    channel dimension; before, analyze hung past the sweep's 120 s limit): past `time_limit`
+    analyze raises naming the module and op it was handling, and an alarm set before (pytest-
+    timeout's) is back in place."""
+    import signal
+    import time
+    model = build_timm("ecaresnet26t", num_classes=10).eval()
+    outer = signal.getitimer(signal.ITIMER_REAL)[0]
+    start = time.monotonic()
+    with pytest.raises(cz.UnsupportedModelError) as info:
+        cz.analyze(model, torch.randn(1, 3, SIZE, SIZE), time_limit=3)
+    assert time.monotonic() - start < 60
+    assert info.value.module and info.value.op and info.value.module in str(info.value)
+    assert "took more than 3 s" in str(info.value)
+    if outer:
+        assert signal.getitimer(signal.ITIMER_REAL)[0] > 0
