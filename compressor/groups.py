@@ -142,16 +142,21 @@ def graph_time_limit(seconds, model):
     try:
         yield
     except _TimeLimit as e:
-        module, op = _failing_op(e, model)
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is not supported: Torch-Pruning's analysis of its graph took more "
-            f"than {seconds:g} s (it was handling the op {op} after module '{module}'; some graphs make it "
-            f"loop for hours). Pass time_limit= to cz.analyze for a longer wait.", module=module, op=op) from None
+        raise _unsupported(model, e, lambda module, op: (
+            f"Torch-Pruning's analysis of its graph took more than {seconds:g} s (it was handling the op "
+            f"{op} after module '{module}'; some graphs make it loop for hours). Pass time_limit= to "
+            f"cz.analyze for a longer wait.")) from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         if remaining:  # the earlier alarm, less the time spent here
             signal.setitimer(signal.ITIMER_REAL, max(remaining - (time.monotonic() - start), 1e-3))
+
+
+def _unsupported(model, exc, why):
+    """UnsupportedModelError for `exc` raised inside Torch-Pruning: why(module, op) says what failed."""
+    module, op = _failing_op(exc, model)
+    return UnsupportedModelError(f"{type(model).__name__} is not supported: {why(module, op)}", module=module, op=op)
 
 
 def _failing_op(exc, model):
@@ -193,11 +198,10 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, train_mode: bool 
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, forward_fn=forward,
                                                           verbose=False)
     except Exception as e:
-        module, op = _failing_op(e, model)
-        raise UnsupportedModelError(
-            f"{type(model).__name__} is not supported: Torch-Pruning cannot map channels through the "
-            f"op {op} after module '{module}' ({type(e).__name__}: {e}). Channel shuffles, and reshapes "
-            f"or concatenations that mix the channel dimension with others, cannot be slimmed.", module=module, op=op) from e
+        raise _unsupported(model, e, lambda module, op: (
+            f"Torch-Pruning cannot map channels through the op {op} after module '{module}' "
+            f"({type(e).__name__}: {e}). Channel shuffles, and reshapes or concatenations that mix the "
+            f"channel dimension with others, cannot be slimmed.")) from e
     _check_splits(model, graph)
     return graph
 
