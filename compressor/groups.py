@@ -138,10 +138,13 @@ def graph_time_limit(seconds, model):
 
     start = time.monotonic()
     previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # repeating: a raise that lands in a gc callback or a __del__ is swallowed by Python ("exception
+    # ignored"), so the alarm comes back every half second until one reaches the analysis
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.5)
     try:
         yield
     except _TimeLimit as e:
+        signal.setitimer(signal.ITIMER_REAL, 0)  # no second alarm while the error is built
         raise _unsupported(model, e, lambda module, op: (
             f"Torch-Pruning's analysis of its graph took more than {seconds:g} s (it was handling the op "
             f"{op} after module '{module}'; some graphs make it loop for hours). Pass time_limit= to "
