@@ -232,8 +232,8 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
         seed=seed, progress=progress, score_metric=score_metric, inherit=inherit, sides=sides, restart=restart,
         final_batches=final_batches, output_fn=output_fn, batches=batches,
         # the user's weights define the run (the ordered copy follows from them and the data)
-        identity=dict(weights=weights_hash(model), budget=str(budget), supernet_epochs=supernet_epochs, finetune_epochs=finetune_epochs,
-                      finetune_lr=finetune_lr, distill=distill, effort=effort, search_fraction=search_fraction,
+        identity=dict(weights=weights_hash(model), budget=str(budget), supernet_epochs=supernet_epochs,
+                      finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=distill, effort=effort, search_fraction=search_fraction,
                       calib_batches=calib_batches, bins=bins, divisor=divisor, exclude=exclude,
                       channel_order=channel_order, conv_impl=conv_impl, latency_options=latency_options,
                       score_metric=score_metric, seed_population=seed_population, inherit=inherit, sides=sides,
