@@ -360,6 +360,13 @@ def canonical_bins(space: WidthSpace) -> np.ndarray:
     return canon
 
 
+def _feasible_seeds(space, bounds, seeds) -> list:
+    """The seeds that meet every constraint, in canonical form, without repeats, in order."""
+    canon, rows = canonical_bins(space), np.arange(len(space))
+    cfgs = [canon[rows, np.asarray(space.check(cfg))] for cfg in seeds]
+    return list(dict.fromkeys(tuple(int(c) for c in cfg) for cfg in cfgs if _feasible(bounds, cfg[None])[0]))
+
+
 def _initial_population(space, bounds, prior, size, window, rng, seeds=()) -> list:
     """Distinct feasible candidates: the feasible `seeds` first (whatever their cost), then ones
     whose primary cost lies in window x limit, drawn from the prior and, when it is too
@@ -368,10 +375,8 @@ def _initial_population(space, bounds, prior, size, window, rng, seeds=()) -> li
     primary = bounds[0]
     canon, rows = canonical_bins(space), np.arange(len(space))
     chosen = {}  # insertion-ordered set
-    for cfg in seeds:
-        cfg = canon[rows, np.asarray(space.check(cfg))]
-        if _feasible(bounds, cfg[None])[0] and len(chosen) < size:
-            chosen.setdefault(tuple(int(c) for c in cfg))
+    for cfg in _feasible_seeds(space, bounds, seeds)[:size]:
+        chosen.setdefault(cfg)
     for in_window in (True, False):
         for source in (prior, _uniform_prior(space)):
             for _ in range(_DRAW_ROUNDS):
@@ -512,11 +517,7 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
 def _final_choice(net, top, seeds, sides, bounds, final_data, calib_data, calib_batches, metric, output_fn=None):
     """(the best of the finalists on `final_data`, [{"cfg", "fitness"}]): the finalists are the
     search's top-k and its feasible seeds (canonical, without repeats)."""
-    space = net.space
-    canon, rows = canonical_bins(space), np.arange(len(space))
-    finalists = list(dict.fromkeys(list(top) + [
-        tuple(int(c) for c in canon[rows, np.asarray(space.check(cfg))]) for cfg in seeds
-        if _feasible(bounds, np.asarray([space.check(cfg)]))[0]]))
+    finalists = list(dict.fromkeys(list(top) + _feasible_seeds(net.space, bounds, seeds)))
     scored = [{"cfg": list(cfg), "fitness": sum(same_draws(score, net, cfg, side, final_data, calib_data,
                                                             calib_batches=calib_batches, metric=metric,
                                                             output_fn=output_fn)
