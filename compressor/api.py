@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,6 +29,7 @@ from . import outputs
 from .methods import FitContext, Fitted, get_method
 from .models import name_architecture, unwrap
 from .run_identity import weights_hash
+from .samplers import TrainingWindow
 from .search import (constraints, human, importance_baseline, recalibrate_bn, same_draws, score,
                      uniform_baseline)
 from .slim import channel_importance, order_channels, save_slim, slim
@@ -120,7 +122,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
              divisor="auto", exclude=(), device=None, out_dir=None, seed=0, export=(), progress=True,
              latency_options=None, conv_impl="auto", channel_order="taylor", score_metric="top1",
              seed_population=True, inherit="best", sides=None, final_batches=0, source=None, restart=False,
-             keep_checkpoints=False, output_fn=None) -> CompressionResult:
+             keep_checkpoints=False, output_fn=None, supernet_window=None) -> CompressionResult:
     """Compress a pretrained `model` to meet `budget` (e.g. "flops<=50%" or "flops<=50%,params<=2M").
 
     `train_data` is a Dataset of (image, label) or a DataLoader (its batch size, workers and
@@ -156,7 +158,9 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     split for the chosen configuration). `sides`: the paths the search scores (None: the method's).
     `final_batches`: the search's finalists (its top-k and the seeded configurations) are scored
     again on that many training batches it did not select on, and the best is kept (0: no second
-    look).
+    look). `supernet_window=low` (a fraction in (0, 1]) trains only subnets whose cost under the
+    budget's first constraint lies in [low x limit, limit] (and that meet every constraint), the
+    region the search chooses from; None trains the whole width range.
     The user's model is never modified.
 
     With `out_dir`: the architecture must be nameable for model.pt (`source`, e.g.
@@ -175,6 +179,8 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     options = spec.parse_options(method_options)
     if inherit not in INHERIT:
         raise ConfigError(f"unknown inherit {inherit!r}: use {', '.join(map(repr, INHERIT))}")
+    if supernet_window is not None and not (isinstance(supernet_window, (int, float)) and 0 < supernet_window <= 1):
+        raise ConfigError(f"supernet_window must be a fraction of the budget in (0, 1] or None, got {supernet_window!r}")
     if channel_order not in CHANNEL_ORDERS:
         raise ConfigError(f"unknown channel_order {channel_order!r}: use {', '.join(map(repr, CHANNEL_ORDERS))}")
     export = [export] if isinstance(export, str) else list(export)
@@ -231,13 +237,16 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
         conv_impl=conv_impl, checkpoint_dir=os.path.join(out_dir, outputs.CHECKPOINTS) if out_dir else None,
         seed=seed, progress=progress, score_metric=score_metric, inherit=inherit, sides=sides, restart=restart,
         final_batches=final_batches, output_fn=output_fn, batches=batches,
+        window=None if supernet_window is None else TrainingWindow(
+            cost=bounds[0].cost, feasible=lambda cfgs: np.logical_and.reduce([b.ok(cfgs) for b in bounds]),
+            low=supernet_window * bounds[0].limit),
         # the user's weights define the run (the ordered copy follows from them and the data)
         identity=dict(weights=weights_hash(model), budget=str(budget), supernet_epochs=supernet_epochs,
                       finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=distill, effort=effort, search_fraction=search_fraction,
                       calib_batches=calib_batches, bins=bins, divisor=divisor, exclude=exclude,
                       channel_order=channel_order, conv_impl=conv_impl, latency_options=latency_options,
                       score_metric=score_metric, seed_population=seed_population, inherit=inherit, sides=sides,
-                      final_batches=final_batches),
+                      final_batches=final_batches, supernet_window=supernet_window),
         seeds=[uniform_baseline(space, budget), importance_baseline(space, importance, budget)]
         if seed_population else []))
     small, found, attempts = fitted.model, fitted.found, fitted.attempts
@@ -290,7 +299,8 @@ def _fit_supernet(ctx: FitContext) -> Fitted:
     trained = train_supernet(net, batched(ctx.train_data), method=ctx.method, method_options=ctx.options,
                              epochs=ctx.epochs, batch_size=ctx.batch_size, lr=ctx.lr, teacher=ctx.teacher,
                              seed=ctx.seed, progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir,
-                             restart=ctx.restart, identity=ctx.identity, output_fn=ctx.output_fn)
+                             restart=ctx.restart, identity=ctx.identity, output_fn=ctx.output_fn,
+                             window=ctx.window)
     timings["supernet_s"] = time.time() - t
 
     t = time.time()

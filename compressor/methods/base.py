@@ -36,7 +36,9 @@ def record_all(cfg, space):
 @dataclass(frozen=True)
 class Method:
     name: str
-    sampler: Callable[..., Any]          # sampler(space, seed, options) -> .next(), .state_dict(), ...
+    # sampler(space, seed, options, window=None) -> .next(), .state_dict(), ...; window: a
+    # samplers.TrainingWindow its random configurations must come from (None: the whole space)
+    sampler: Callable[..., Any]
     options: type = NoOptions            # a frozen dataclass of the method's knobs, with defaults
     # loss(i, out, base, state): the loss of the i-th subnet of a step from its logits `out`; `base()`
     # is the default loss; `state` is a dict that lives for one step (e.g. the largest subnet's output)
@@ -99,6 +101,7 @@ class FitContext:
     inherit: str = "supernet"   # the slim model's weights: "supernet", "original" or "best"
     sides: tuple | None = None  # the sides the search scores (None: the method's)
     seeds: list = dataclasses.field(default_factory=list)  # configurations in the initial population
+    window: Any = None          # samplers.TrainingWindow: the configurations training draws (None: all)
     final_batches: int = 0      # batches past the calibration ones for the search's second look (0: none)
     restart: bool = False       # discard a checkpoint of another run instead of refusing it
     identity: dict = dataclasses.field(default_factory=dict)  # what else defines the run (for resume)

@@ -18,6 +18,7 @@ class BCNetOptions:
 
 BCNET = register(Method(
     name="bcnet", options=BCNetOptions,
-    sampler=lambda space, seed, options: BCNetSampler(space, seed, complementary=options.complementary),
+    sampler=lambda space, seed, options, window=None: BCNetSampler(space, seed, complementary=options.complementary,
+                                                                   window=window),
     sides=("left", "right"),
     summary="bilaterally coupled supernet, complementary pairs, prior-seeded evolution"))
