@@ -122,7 +122,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
              divisor="auto", exclude=(), device=None, out_dir=None, seed=0, export=(), progress=True,
              latency_options=None, conv_impl="auto", channel_order="taylor", score_metric="top1",
              seed_population=True, inherit="best", sides=None, final_batches=0, source=None, restart=False,
-             keep_checkpoints=False, output_fn=None, supernet_window=None) -> CompressionResult:
+             keep_checkpoints=False, output_fn=None, supernet_window=None, score_original=False) -> CompressionResult:
     """Compress a pretrained `model` to meet `budget` (e.g. "flops<=50%" or "flops<=50%,params<=2M").
 
     `train_data` is a Dataset of (image, label) or a DataLoader (its batch size, workers and
@@ -160,7 +160,9 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     again on that many training batches it did not select on, and the best is kept (0: no second
     look). `supernet_window=low` (a fraction in (0, 1]) trains only subnets whose cost under the
     budget's first constraint lies in [low x limit, limit] (and that meet every constraint), the
-    region the search chooses from; None trains the whole width range.
+    region the search chooses from; None trains the whole width range. `score_original=True` has
+    the search score every candidate's left path on the weights before supernet training too and
+    rank it by the better of that and its supernet fitness (needs inherit="best" or "original").
     The user's model is never modified.
 
     With `out_dir`: the architecture must be nameable for model.pt (`source`, e.g.
@@ -179,6 +181,9 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     options = spec.parse_options(method_options)
     if inherit not in INHERIT:
         raise ConfigError(f"unknown inherit {inherit!r}: use {', '.join(map(repr, INHERIT))}")
+    if score_original and inherit == "supernet":
+        raise ConfigError('score_original=True ranks candidates by the original weights too, but inherit="supernet" '
+                          'never slims from them: use inherit="best" (the default) or "original"')
     if supernet_window is not None and not (isinstance(supernet_window, (int, float)) and 0 < supernet_window <= 1):
         raise ConfigError(f"supernet_window must be a fraction of the budget in (0, 1] or None, got {supernet_window!r}")
     if channel_order not in CHANNEL_ORDERS:
@@ -236,7 +241,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
         epochs=supernet_epochs, batch_size=batch_size, lr=lr, effort=effort, calib_batches=calib_batches,
         conv_impl=conv_impl, checkpoint_dir=os.path.join(out_dir, outputs.CHECKPOINTS) if out_dir else None,
         seed=seed, progress=progress, score_metric=score_metric, inherit=inherit, sides=sides, restart=restart,
-        final_batches=final_batches, output_fn=output_fn, batches=batches,
+        final_batches=final_batches, output_fn=output_fn, batches=batches, score_original=score_original,
         window=None if supernet_window is None else TrainingWindow(
             cost=bounds[0].cost, feasible=lambda cfgs: np.logical_and.reduce([b.ok(cfgs) for b in bounds]),
             low=supernet_window * bounds[0].limit),
@@ -246,7 +251,8 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
                       calib_batches=calib_batches, bins=bins, divisor=divisor, exclude=exclude,
                       channel_order=channel_order, conv_impl=conv_impl, latency_options=latency_options,
                       score_metric=score_metric, seed_population=seed_population, inherit=inherit, sides=sides,
-                      final_batches=final_batches, supernet_window=supernet_window),
+                      final_batches=final_batches, supernet_window=supernet_window,
+                      score_original=score_original),
         seeds=[uniform_baseline(space, budget), importance_baseline(space, importance, budget)]
         if seed_population else []))
     small, found, attempts = fitted.model, fitted.found, fitted.attempts
@@ -292,7 +298,8 @@ def _fit_supernet(ctx: FitContext) -> Fitted:
     """The fit step of a supernet method: train the supernet, search it (again, with a tightened
     limit, while the delivered model misses a latency budget) and slim the chosen configuration."""
     timings, space = {}, ctx.space
-    untrained = copy.deepcopy(ctx.model) if ctx.inherit != "supernet" else None  # training changes ctx.model
+    # training changes ctx.model: a supernet over a copy keeps the weights before it
+    before = supernet(copy.deepcopy(ctx.model), space, impl=ctx.conv_impl) if ctx.inherit != "supernet" else None
     net = supernet(ctx.model, space, impl=ctx.conv_impl)
     t = time.time()
     batched = (lambda data: ctx.batches.loader(data)) if ctx.batches else (lambda data: loader(data, ctx.batch_size))
@@ -311,8 +318,9 @@ def _fit_supernet(ctx: FitContext) -> Fitted:
                                     seed=ctx.seed, calib_batches=ctx.calib_batches,
                                     sides=ctx.sides or ctx.method.sides, progress=ctx.progress,
                                     metric=ctx.score_metric, seeds=ctx.seeds, output_fn=ctx.output_fn,
-                                    final_data=_second_look(calib, ctx.calib_batches, ctx.final_batches))
-        source, found.inherited = _inheritance(net, untrained, found, ctx.inherit, calib, scoring,
+                                    final_data=_second_look(calib, ctx.calib_batches, ctx.final_batches),
+                                    alternate=before if ctx.score_original else None)
+        source, found.inherited = _inheritance(net, before, found, ctx.inherit, calib, scoring,
                                                ctx.calib_batches, ctx.score_metric, ctx.output_fn)
         # the slim model inherits BN statistics calibrated for its configuration
         recalibrate_bn(source, found.cfg, found.side, calib, batches=ctx.calib_batches)
@@ -348,17 +356,17 @@ def _second_look(calib, calib_batches, final_batches):
     return Batches(calib, start, start + final_batches)
 
 
-def _inheritance(net, untrained, found, inherit, calib, scoring, calib_batches, metric, output_fn=None):
-    """(the supernet to slim from, its name): the trained supernet, or one over the weights before
-    supernet training; with "best", the one whose held-out score of the chosen configuration and
-    side is higher (ties keep the trained supernet)."""
+def _inheritance(net, before, found, inherit, calib, scoring, calib_batches, metric, output_fn=None):
+    """(the supernet to slim from, its name): the trained supernet `net`, or `before` (the weights
+    before supernet training); with "best", the one whose held-out score of the chosen
+    configuration and side is higher (ties keep the trained supernet)."""
     if inherit == "supernet":
         return net, "supernet"
-    before = supernet(untrained, net.space, impl=net.impl)
     if inherit == "original":
         return before, "original"
-    kept = same_draws(score, before, found.cfg, found.side, scoring, calib, calib_batches=calib_batches,
-                      metric=metric, output_fn=output_fn)  # the draws the search scored the candidate with
+    kept = found.score_alternate if found.side == "left" and found.score_alternate == found.score_alternate else \
+        same_draws(score, before, found.cfg, found.side, scoring, calib, calib_batches=calib_batches,
+                   metric=metric, output_fn=output_fn)  # the draws the search scored the candidate with
     trained = found.score_left if found.side == "left" else found.score_right
     log.info("weights for the slim model: supernet scores %.4f, before supernet training %.4f", trained, kept)
     return (before, "original") if kept > trained else (net, "supernet")

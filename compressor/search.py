@@ -317,13 +317,15 @@ def _sample(probs: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarr
 
 # -- the evolutionary search ---------------------------------------------------------------------
 class Evaluated(NamedTuple):
-    """One scored candidate; `generation` 0 is the initial population."""
+    """One scored candidate; `generation` 0 is the initial population. `score_alternate`: its left
+    path on the alternate weights (NaN when the search had none)."""
     cfg: tuple
     score_left: float
     score_right: float
     flops: float
     params: float
     generation: int
+    score_alternate: float = float("nan")
 
 
 @dataclass
@@ -339,6 +341,7 @@ class SearchResult:
     limits: dict
     history: list = field(repr=False)  # [Evaluated], every candidate in evaluation order
     inherited: str = "supernet"  # where compress() took the slim model's weights from
+    score_alternate: float = float("nan")  # the chosen configuration's left path on the alternate weights
     finalists: list = field(default_factory=list)  # [{"cfg", "fitness"}]: the re-scored finalists, if any
 
     def to_dict(self) -> dict:
@@ -414,7 +417,7 @@ def _children(count, make, bounds, evaluated, rng) -> list:
 def search(net: Supernet, budget, train_data, val_data, *, records=None, effort: float = 1.0,
            window=(0.8, 1.0), seed: int = 0, calib_batches: int = 20, max_val_batches: int | None = None,
            sides=("left", "right"), progress: bool = True, metric: str = "top1", seeds=(),
-           final_data=None, output_fn=None) -> SearchResult:
+           final_data=None, output_fn=None, alternate: Supernet | None = None) -> SearchResult:
     """Evolutionary width search on a trained supernet (METHOD section 6).
 
     `budget`: a Budget or a string such as "flops<=50%,params<=2M". `train_data` supplies the BN
@@ -430,7 +433,10 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
     batches the search never selected on; when given, the final top-k and the feasible seeds are
     scored again on them and the best of those is the result. The maximum of many noisy held-out
     scores overestimates its candidate (the winner's curse); an independent second look does not.
-    `output_fn` picks the logits from a model output that is not a tensor.
+    `output_fn` picks the logits from a model output that is not a tensor. `alternate`: a supernet
+    over other weights of the same space (compress: the model before supernet training) whose left
+    path is scored too; a candidate's fitness is the better of its supernet fitness and that score,
+    so the search finds the networks that are best to fine-tune from either set of weights.
     """
     if not sides or any(side not in ("left", "right") for side in sides):
         raise ConfigError(f"sides must be a non-empty subset of ('left', 'right'), got {sides!r}")
@@ -456,20 +462,18 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
     log.info("searching %s: population %d, %d generations, top %d, %d mutations + %d crossovers",
              ", ".join(b.text for b in bounds), population, generations, top_k, mutations, crossovers)
 
-    evaluated = {}  # cfg -> (left, right): the score cache; children are never re-scored
+    evaluated = {}  # cfg -> (left, right, alternate): the score cache; children are never re-scored
     history = []
+    rate = _rater(net, alternate, sides, train_data, calib_batches, metric, output_fn)
 
     def evaluate(cfg, generation):
-        left, right = (same_draws(score, net, cfg, side, val_data, train_data, calib_batches=calib_batches,
-                                  max_batches=max_val_batches, metric=metric, output_fn=output_fn)
-                       if side in sides else float("nan")
-                       for side in ("left", "right"))
-        evaluated[cfg] = (left, right)
-        history.append(Evaluated(cfg, left, right, float(space.flops(cfg)), float(space.params(cfg)), generation))
+        evaluated[cfg] = rate(cfg, val_data, max_val_batches)
+        left, right, other = evaluated[cfg]
+        history.append(Evaluated(cfg, left, right, float(space.flops(cfg)), float(space.params(cfg)), generation,
+                                 other))
 
     def fitness(cfg):
-        left, right = evaluated[cfg]
-        return sum(v for v, side in ((left, "left"), (right, "right")) if side in sides) / len(sides)
+        return _fitness(evaluated[cfg], sides)
 
     canon, rows = canonical_bins(space), np.arange(len(space))
 
@@ -500,29 +504,48 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
 
     best, finalists = top[0], []
     if final_data is not None:
-        best, finalists = _final_choice(net, top, seeds, sides, bounds, final_data, train_data, calib_batches,
-                                        metric, output_fn)
-    left, right = evaluated[best]
+        best, finalists = _final_choice(space, top, seeds, sides, bounds, rate, final_data)
+    left, right, other = evaluated[best]
+    # the alternate's score is its left path's: when it decides the fitness, the side is left
+    alternate_wins = other > _fitness((left, right, float("nan")), sides)
+    side = "right" if ("left" not in sides or right > left) and not alternate_wins else "left"
     result = SearchResult(
-        cfg=best, side="right" if "left" not in sides or right > left else "left", score_left=left, score_right=right,
+        cfg=best, side=side, score_left=left, score_right=right,
         score=fitness(best), costs={"flops": float(space.flops(best)), "params": float(space.params(best))},
         limits={b.metric: b.limit for b in bounds},
-        history=history, finalists=finalists)
+        history=history, finalists=finalists, score_alternate=other)
     log.info("best %s (%s side): score %.4f (left %.4f, right %.4f), %s, %s; %d candidates scored",
              best, result.side, result.score, left, right, human("flops", result.costs["flops"]),
              human("params", result.costs["params"]), len(history))
     return result
 
 
-def _final_choice(net, top, seeds, sides, bounds, final_data, calib_data, calib_batches, metric, output_fn=None):
+def _rater(net, alternate, sides, calib_data, calib_batches, metric, output_fn):
+    """rate(cfg, data, max_batches) -> (left, right, alternate) held-out scores of a candidate, NaN
+    for what is not scored, each with the same draws."""
+    nan = float("nan")
+
+    def rate(cfg, data, max_batches=None):
+        def on(supernet, side):
+            return same_draws(score, supernet, cfg, side, data, calib_data, calib_batches=calib_batches,
+                              max_batches=max_batches, metric=metric, output_fn=output_fn)
+        return (on(net, "left") if "left" in sides else nan, on(net, "right") if "right" in sides else nan,
+                on(alternate, "left") if alternate is not None else nan)
+    return rate
+
+
+def _fitness(scores, sides) -> float:
+    """The mean score of the searched sides, or the alternate weights' score when that is higher."""
+    left, right, other = scores
+    mean = sum(v for v, side in ((left, "left"), (right, "right")) if side in sides) / len(sides)
+    return other if other > mean else mean  # NaN compares False: no alternate, the mean
+
+
+def _final_choice(space, top, seeds, sides, bounds, rate, final_data):
     """(the best of the finalists on `final_data`, [{"cfg", "fitness"}]): the finalists are the
     search's top-k and its feasible seeds (canonical, without repeats)."""
-    finalists = list(dict.fromkeys(list(top) + _feasible_seeds(net.space, bounds, seeds)))
-    scored = [{"cfg": list(cfg), "fitness": sum(same_draws(score, net, cfg, side, final_data, calib_data,
-                                                            calib_batches=calib_batches, metric=metric,
-                                                            output_fn=output_fn)
-                                                 for side in sides) / len(sides)}
-              for cfg in finalists]
+    finalists = list(dict.fromkeys(list(top) + _feasible_seeds(space, bounds, seeds)))
+    scored = [{"cfg": list(cfg), "fitness": _fitness(rate(cfg, final_data), sides)} for cfg in finalists]
     best = max(range(len(finalists)), key=lambda i: scored[i]["fitness"])  # ties keep the search's order
     log.info("final choice on independent batches: %s, fitness %.4f (the search's best: %.4f)",
              finalists[best], scored[best]["fitness"], scored[0]["fitness"])

@@ -101,6 +101,7 @@ class FitContext:
     inherit: str = "supernet"   # the slim model's weights: "supernet", "original" or "best"
     sides: tuple | None = None  # the sides the search scores (None: the method's)
     seeds: list = dataclasses.field(default_factory=list)  # configurations in the initial population
+    score_original: bool = False  # the search scores the weights before supernet training too
     window: Any = None          # samplers.TrainingWindow: the configurations training draws (None: all)
     final_batches: int = 0      # batches past the calibration ones for the search's second look (0: none)
     restart: bool = False       # discard a checkpoint of another run instead of refusing it
