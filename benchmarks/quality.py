@@ -152,6 +152,7 @@ def main():
 
     import compressor as cz
     from compressor.api import compress
+    from compressor.config import CompressConfig
     from compressor.cifar import load_pretrained, pretrained_path, resnet56
     from compressor.data import cifar10
     from compressor.finetune import accuracy, finetune
@@ -177,7 +178,7 @@ def main():
         raise SystemExit(f"unknown rows {unknown}: give a --variant for each")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(1, 3, 32, 32)
-    default_distill = __import__("inspect").signature(compress).parameters["distill"].default
+    default_distill = CompressConfig.distill
 
     name = f"quality-{args.setting}{args.tag}.json"
     path = os.path.join(RESULTS, name)

@@ -10,7 +10,6 @@ import itertools
 import json
 import logging
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -19,6 +18,7 @@ from torch import nn
 
 from ._version import __version__
 from .budget import Budget, Constraint, parse_budget
+from .config import CHANNEL_ORDERS, CompressConfig
 from .cost import count_params, measure_flops
 from .data import train_val_split
 from .errors import ConfigError, InfeasibleBudgetError
@@ -30,6 +30,7 @@ from .methods import FitContext, Fitted, get_method
 from .models import name_architecture, unwrap
 from .run_identity import weights_hash
 from .samplers import TrainingWindow
+from .stopwatch import Stopwatch
 from .search import (constraints, human, importance_baseline, recalibrate_bn, same_draws, score,
                      uniform_baseline)
 from .slim import channel_importance, order_channels, save_slim, slim
@@ -40,11 +41,6 @@ from .train import train_supernet
 from .validate import check_inputs, check_split
 
 log = logging.getLogger("compressor")
-# compress(channel_order=...): (importance criterion, the layout order_channels gives each group);
-# "none" keeps the model's order
-CHANNEL_ORDERS = {"l1": ("l1", "left"), "l1-both-ends": ("l1", "both-ends"), "none": None,
-                  "taylor": ("taylor", "left"), "taylor-both-ends": ("taylor", "both-ends")}
-INHERIT = ("supernet", "original", "best")  # compress(inherit=...): where the slim model's weights come from
 LATENCY_RETRIES = 2  # searches again with a tightened limit when the delivered model is too slow
 
 
@@ -116,14 +112,14 @@ def plot_pareto(history, chosen, limit, path, metric="flops"):
     plt.close(fig)
 
 
-def compress(model: nn.Module, budget, train_data, val_data=None, *, example_input=None, method="bcnet",
-             method_options=None, supernet_epochs=1.0, finetune_epochs=1.0, batch_size=64, lr=0.01,
-             finetune_lr=0.01, distill=True, effort=0.25, search_fraction=0.1, calib_batches=20, bins=20,
-             divisor="auto", exclude=(), device=None, out_dir=None, seed=0, export=(), progress=True,
-             latency_options=None, conv_impl="auto", channel_order="taylor", score_metric="top1",
-             seed_population=True, inherit="best", sides=None, final_batches=0, source=None, restart=False,
-             keep_checkpoints=False, output_fn=None, supernet_window=None, score_original=False) -> CompressionResult:
+def compress(model: nn.Module, budget, train_data, val_data=None, *, config: CompressConfig | None = None,
+             example_input=None, device=None, out_dir=None, progress=True, latency_options=None, source=None,
+             restart=False, keep_checkpoints=False, output_fn=None, **options) -> CompressionResult:
     """Compress a pretrained `model` to meet `budget` (e.g. "flops<=50%" or "flops<=50%,params<=2M").
+
+    `options` are the fields of CompressConfig (method, supernet_epochs, finetune_epochs, effort,
+    channel_order, inherit, ...; README "Options"), applied over `config` when one is given; an
+    unknown one is refused with the valid names.
 
     `train_data` is a Dataset of (image, label) or a DataLoader (its batch size, workers and
     collate function are used; compress orders the batches itself, so its sampler is not); a
@@ -134,74 +130,87 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
     picks the logits from a model output that is not a tensor, wherever it is used (e.g.
     `lambda out: out.logits` for GoogLeNet or Inception, which return aux logits in train mode).
     Everything that can be checked before training is (README: "What compress() checks").
-    `method` is a registered method (compressor.methods.METHODS): "bcnet" or the "ua" baseline;
-    `method_options` a dict of its options ({"complementary": False}, {"n_random": 3}). `effort`
-    scales the evolutionary search (1.0 = the paper's 50 x 40). A latency budget
-    ("latency<=3ms@ort-cpu", "latency<=60%@ort-cpu") builds the
-    latency model of the target first (`latency_options`: keyword arguments of
-    compressor.latency.build_latency_model, e.g. cache_dir, points, calibration); the chosen slim
-    model is then measured on the target and, when it misses, searched again with the limit
-    tightened by measured/limit (at most LATENCY_RETRIES times) before LatencyBudgetMissed is
-    raised. With `out_dir`, writes report.json, model.pt (cz.load_slim), pareto.png and
-    the `export` artifacts ("onnx", "trt-fp32", "trt-fp16", "trt-int8"), and keeps supernet
-    checkpoints there so an interrupted run resumes. `conv_impl` is the supernet's masked
-    convolution (cz.kernels.masked_conv2d's impl: "auto" runs the CUDA kernel on a GPU when it
-    builds, "sliced" otherwise). `channel_order="l1"` first permutes each group's channels by L1
-    weight magnitude (cz.order_channels: the same function, but every left path starts as the
-    magnitude-pruned network), "l1-both-ends" alternates the ranks from both ends; "taylor" and
-    "taylor-both-ends" rank by first-order Taylor importance |w dL/dw| instead, from 8 batches of the
-    training data; "none" keeps the model's order. `score_metric` is what ranks candidates on the
-    held-out split ("top1" or "loss"). `seed_population=True` puts the uniform-width and the
-    global-importance configurations into the search's initial population. `inherit` is where the
-    slim model's weights come from: "supernet" (the trained supernet), "original" (the model before
-    supernet training, in the same channel order) or "best" (whichever scores better on the held-out
-    split for the chosen configuration). `sides`: the paths the search scores (None: the method's).
-    `final_batches`: the search's finalists (its top-k and the seeded configurations) are scored
-    again on that many training batches it did not select on, and the best is kept (0: no second
-    look). `supernet_window=low` (a fraction in (0, 1]) trains only subnets whose cost under the
-    budget's first constraint lies in [low x limit, limit] (and that meet every constraint), the
-    region the search chooses from; None trains the whole width range. `score_original=True` has
-    the search score every candidate's left path on the weights before supernet training too and
-    rank it by the better of that and its supernet fitness (needs inherit="best" or "original").
-    The user's model is never modified.
+    A latency budget ("latency<=3ms@ort-cpu", "latency<=60%@ort-cpu") builds the latency model of
+    the target first (`latency_options`: keyword arguments of compressor.latency.build_latency_model,
+    e.g. cache_dir, points, calibration); the chosen slim model is then measured on the target and,
+    when it misses, searched again with the limit tightened by measured/limit (at most
+    LATENCY_RETRIES times) before LatencyBudgetMissed is raised.
 
-    With `out_dir`: the architecture must be nameable for model.pt (`source`, e.g.
+    The stages: prepare (inputs, width space, latency model, channel order), fit (the method's:
+    train the supernet, search, slim), fine-tune (on all the training data, distilled from the
+    original), measure, and outputs. With `out_dir`, writes report.json, model.pt (cz.load_slim),
+    pareto.png and the `export` artifacts, and keeps supernet checkpoints there so an interrupted
+    run resumes. The architecture must then be nameable for model.pt (`source`, e.g.
     'torchvision:resnet18(num_classes=4)' or 'file.py:factory'; by default the spec cz.load_model
     recorded, a recognised torchvision / timm / project builder, or a class built without
     arguments), else ConfigError before any training. A checkpoint in out_dir is resumed only by
     the same run (model, weights, data, budget and options); another run's raises ConfigError unless
     `restart=True` discards it. Every artifact is written together at the end, an earlier run's
     artifacts that this run does not produce are removed, and the supernet checkpoints are removed
-    after success unless `keep_checkpoints=True`. DataParallel / DDP models are unwrapped.
+    after success unless `keep_checkpoints=True`. DataParallel / DDP models are unwrapped. The
+    user's model is never modified.
     """
-    t_start = time.time()
+    cfg = CompressConfig.build(config, **options)
+    clock = Stopwatch()
     model = unwrap(model)
-    budget = parse_budget(budget)
-    spec = get_method(method)
-    options = spec.parse_options(method_options)
-    if inherit not in INHERIT:
-        raise ConfigError(f"unknown inherit {inherit!r}: use {', '.join(map(repr, INHERIT))}")
-    if score_original and inherit == "supernet":
-        raise ConfigError('score_original=True ranks candidates by the original weights too, but inherit="supernet" '
-                          'never slims from them: use inherit="best" (the default) or "original"')
-    if supernet_window is not None and not (isinstance(supernet_window, (int, float)) and 0 < supernet_window <= 1):
-        raise ConfigError(f"supernet_window must be a fraction of the budget in (0, 1] or None, got {supernet_window!r}")
-    if channel_order not in CHANNEL_ORDERS:
-        raise ConfigError(f"unknown channel_order {channel_order!r}: use {', '.join(map(repr, CHANNEL_ORDERS))}")
-    export = [export] if isinstance(export, str) else list(export)
-    for fmt in export:
-        if fmt != "onnx" and fmt not in ("trt-fp32", "trt-fp16", "trt-int8"):
-            raise ConfigError(f"unknown export format {fmt!r}: use onnx, trt-fp32, trt-fp16 or trt-int8")
-    if export and not out_dir:
+    with clock("prepare"):
+        run = _prepare(model, parse_budget(budget), train_data, val_data, cfg, clock, example_input=example_input,
+                       device=device, out_dir=out_dir, progress=progress, latency_options=latency_options,
+                       source=source, restart=restart, output_fn=output_fn)
+    ctx = run.context
+    fitted = (ctx.method.fit or _fit_supernet)(ctx)  # a method that is not a supernet replaces the whole step
+    small, found = fitted.model, fitted.found
+    clock.timings.update(fitted.timings)
+    with clock("finetune"):  # the held-out split has done its job (ranking candidates): all the training data
+        finetune(small, run.batches.loader(run.train, shuffle=True, seed=cfg.seed), epochs=cfg.finetune_epochs,
+                 lr=cfg.finetune_lr, teacher=ctx.teacher, seed=cfg.seed, progress=progress, output_fn=output_fn)
+    with clock("measure"):
+        before, measured = _measure(run, small, fitted.attempts, output_fn)
+    result = CompressionResult(
+        model=small, widths=list(found.cfg), side=found.side, channels=ctx.space.channels(found.cfg),
+        method=ctx.method.name, budget=str(ctx.budget), limits=ctx.limits, original=before, result=measured,
+        supernet_score=found.score, timings={},
+        search=dict(found.to_dict(), latency_attempts=fitted.attempts))
+    if not result.meets_budget():  # the cost model is exact: this would be a bug, not a near miss
+        raise RuntimeError(f"the slim model misses the budget: {measured} vs {ctx.limits}")
+    if out_dir:
+        with clock("outputs"):
+            _write_outputs(result, small, run.source, ctx.space, found, constraints(ctx.space, ctx.budget),
+                           run.example, out_dir, cfg.export, ctx.train_data, keep_checkpoints)
+            outputs.finish_checkpoints(out_dir, keep_checkpoints)
+    result.timings = clock.total()
+    log.info("compressed: %s -> %s, %s -> %s", human("flops", before["flops"]), human("flops", measured["flops"]),
+             human("params", before["params"]), human("params", measured["params"]))
+    return result
+
+
+@dataclass
+class _Run:
+    """What the prepare stage hands on: the fit step's context and what the later stages need."""
+    context: FitContext
+    train: object          # all the training data (fine-tuning)
+    batches: object        # validate.LoaderOptions: how to batch it
+    original: nn.Module    # the frozen user's model, on the device
+    example: torch.Tensor  # one sample, on the device
+    val_loader: object     # None without val_data
+    before: dict           # the original's measurements so far (its accuracy)
+    source: str | None     # the architecture's name for model.pt
+
+
+def _prepare(model, budget, train_data, val_data, cfg, clock, *, example_input, device, out_dir, progress,
+             latency_options, source, restart, output_fn) -> _Run:
+    """Every check that needs no training, the width space and its constraints (an infeasible
+    budget fails here), the latency model, and the channel order."""
+    spec = get_method(cfg.method)
+    options = spec.parse_options(cfg.method_options)
+    if cfg.export and not out_dir:
         raise ConfigError("export needs out_dir: the artifacts are written there")
-    # data, model outputs, labels, device and options: every check that needs no training
-    inputs = check_inputs(model, train_data, val_data, example_input=example_input, batch_size=batch_size,
+    inputs = check_inputs(model, train_data, val_data, example_input=example_input, batch_size=cfg.batch_size,
                           device=device, output_fn=output_fn, latency_options=latency_options,
-                          search_fraction=search_fraction)
-    train_data, val_data, example_input, device = inputs.train, inputs.val, inputs.example, inputs.device
-    batches, batch_size = inputs.options, inputs.options.batch_size
-    fit_data, held_out = train_val_split(train_data, search_fraction, seed, labels=inputs.labels)
-    check_split(fit_data, held_out, batches, search_fraction)
+                          search_fraction=cfg.search_fraction)
+    batches, device = inputs.options, inputs.device
+    fit_data, held_out = train_val_split(inputs.train, cfg.search_fraction, cfg.seed, labels=inputs.labels)
+    check_split(fit_data, held_out, batches, cfg.search_fraction)
     if out_dir:
         check_writable(out_dir, 50 * 1024 * 1024)
         source = name_architecture(model, source)  # model.pt must be writable: fail before any training
@@ -209,112 +218,109 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, example_inp
 
     original = copy.deepcopy(model).to(device).eval()  # the frozen reference (and distillation teacher)
     work = copy.deepcopy(model).to(device)
-    timings, before = {}, {}
-    if val_data is not None:  # first: a bad label or file in val_data fails here, not after fine-tuning
+    before = {}
+    if inputs.val is not None:  # first: a bad label or file in val_data fails here, not after fine-tuning
         before["accuracy"] = accuracy(original, inputs.val_loader, output_fn=output_fn)
-    t = time.time()
-    space = analyze(work, example_input.to(device), bins=bins, divisor=divisor, exclude=exclude)
-    timings["analyze_s"] = time.time() - t
+    x = inputs.example.to(device)
+    with clock("analyze"):
+        space = analyze(work, x, bins=cfg.bins, divisor=cfg.divisor, exclude=cfg.exclude)
     latency = _latency_constraint(budget)
     if latency is not None:
-        t_model = time.time()
-        build_latency_model(work, space, latency.target, progress=progress, **(latency_options or {}))
-        timings["latency_model_s"] = time.time() - t_model
+        with clock("latency_model"):
+            build_latency_model(work, space, latency.target, progress=progress, **(latency_options or {}))
     bounds = constraints(space, budget)  # raises InfeasibleBudgetError before any training
-    limits = {b.metric: b.limit for b in bounds}
     log.info("%d channel groups (%d frozen); budget %s", len(space), len(space.frozen),
              ", ".join(f"{b.text}: {human(b.metric, b.limit)}" for b in bounds))
 
     importance = None
-    if channel_order != "none" or seed_population:
-        criterion, layout = CHANNEL_ORDERS[channel_order] or ("l1", None)
-        with torch.random.fork_rng(devices=[]):  # the same batches and augmentations on every run of this seed
-            torch.manual_seed(seed)
-            importance = channel_importance(work, space, criterion, batches.loader(fit_data, shuffle=True, seed=seed),
-                                            output_fn=output_fn)
-    if channel_order != "none":
+    if cfg.channel_order != "none" or cfg.seed_population:
+        criterion, layout = CHANNEL_ORDERS[cfg.channel_order] or ("l1", None)
+        with clock("importance"), torch.random.fork_rng(devices=[]):  # the same batches and augmentations per seed
+            torch.manual_seed(cfg.seed)
+            importance = channel_importance(work, space, criterion,
+                                            batches.loader(fit_data, shuffle=True, seed=cfg.seed), output_fn=output_fn)
+    if cfg.channel_order != "none":
         work = order_channels(work, space, layout=layout, importance=importance)
-    fit = spec.fit or _fit_supernet  # a method that is not a supernet replaces the whole step
-    fitted = fit(FitContext(
+    context = FitContext(
         model=work, space=space, train_data=fit_data, held_out=held_out, budget=budget, method=spec,
-        options=options, teacher=original if distill else None, latency=latency, limits=limits,
-        epochs=supernet_epochs, batch_size=batch_size, lr=lr, effort=effort, calib_batches=calib_batches,
-        conv_impl=conv_impl, checkpoint_dir=os.path.join(out_dir, outputs.CHECKPOINTS) if out_dir else None,
-        seed=seed, progress=progress, score_metric=score_metric, inherit=inherit, sides=sides, restart=restart,
-        final_batches=final_batches, output_fn=output_fn, batches=batches, score_original=score_original,
-        window=None if supernet_window is None else TrainingWindow(
-            cost=bounds[0].cost, feasible=lambda cfgs: np.logical_and.reduce([b.ok(cfgs) for b in bounds]),
-            low=supernet_window * bounds[0].limit),
+        options=options, teacher=original if cfg.distill else None, latency=latency,
+        limits={b.metric: b.limit for b in bounds}, epochs=cfg.supernet_epochs, batch_size=batches.batch_size,
+        lr=cfg.lr, effort=cfg.effort, calib_batches=cfg.calib_batches, conv_impl=cfg.conv_impl,
+        checkpoint_dir=os.path.join(out_dir, outputs.CHECKPOINTS) if out_dir else None, seed=cfg.seed,
+        progress=progress, score_metric=cfg.score_metric, inherit=cfg.inherit, sides=cfg.sides, restart=restart,
+        final_batches=cfg.final_batches, output_fn=output_fn, batches=batches, score_original=cfg.score_original,
+        window=_training_window(bounds, cfg.supernet_window),
         # the user's weights define the run (the ordered copy follows from them and the data)
-        identity=dict(weights=weights_hash(model), budget=str(budget), supernet_epochs=supernet_epochs,
-                      finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, distill=distill, effort=effort, search_fraction=search_fraction,
-                      calib_batches=calib_batches, bins=bins, divisor=divisor, exclude=exclude,
-                      channel_order=channel_order, conv_impl=conv_impl, latency_options=latency_options,
-                      score_metric=score_metric, seed_population=seed_population, inherit=inherit, sides=sides,
-                      final_batches=final_batches, supernet_window=supernet_window,
-                      score_original=score_original),
+        # (train_supernet records the method, its options, the seed, batch size and lr itself)
+        identity=dict({k: v for k, v in cfg.identity().items() if k not in _TRAINER_RECORDS},
+                      weights=weights_hash(model), budget=str(budget), latency_options=latency_options),
         seeds=[uniform_baseline(space, budget), importance_baseline(space, importance, budget)]
-        if seed_population else []))
-    small, found, attempts = fitted.model, fitted.found, fitted.attempts
-    timings.update(fitted.timings)
-    t = time.time()
-    # the held-out split has done its job (ranking candidates): fine-tune on all the training data
-    finetune(small, batches.loader(train_data, shuffle=True, seed=seed), epochs=finetune_epochs, lr=finetune_lr,
-             teacher=original if distill else None, seed=seed, progress=progress, output_fn=output_fn)
-    timings["finetune_s"] = time.time() - t
+        if cfg.seed_population else [])
+    return _Run(context, inputs.train, batches, original, x, inputs.val_loader if inputs.val is not None else None,
+                before, source)
 
-    x = example_input.to(device)
+
+_TRAINER_RECORDS = ("method", "method_options", "seed", "batch_size", "lr")
+
+
+def _training_window(bounds, low):
+    """The configurations supernet training draws: first constraint's cost in [low x limit, limit]
+    and every constraint met (None: the whole space)."""
+    if low is None:
+        return None
+    return TrainingWindow(cost=bounds[0].cost, feasible=lambda cfgs: np.logical_and.reduce([b.ok(cfgs) for b in bounds]),
+                          low=low * bounds[0].limit)
+
+
+def _measure(run, small, attempts, output_fn):
+    """(the original's measurements, the slim model's): FLOPs, params, CPU latency on a CPU device,
+    the target latency with a latency budget, and accuracy on val_data when given."""
+    x, original, ctx = run.example, run.original, run.context
+    before = dict(run.before, flops=measure_flops(original, x), params=count_params(original))
     measured = {"flops": measure_flops(small.eval(), x), "params": count_params(small)}
-    before.update(flops=measure_flops(original, x), params=count_params(original))
-    if device.type == "cpu":
+    if x.device.type == "cpu":
         before["latency_ms"] = cpu_latency_ms(original, x)
         measured["latency_ms"] = cpu_latency_ms(small, x)
-    if latency is not None:
-        before["latency"] = space.latency_model(latency.target).original_us
-        before["latency_predicted"] = space.latency(space.max(), latency.target)
+    if ctx.latency is not None:
+        space, target = ctx.space, ctx.latency.target
+        before["latency"] = space.latency_model(target).original_us
+        before["latency_predicted"] = space.latency(space.max(), target)
         # predicted where the latency model was timed on another machine (attempts[-1]["note"])
         measured["latency"] = attempts[-1]["measured_us"] if attempts[-1]["measured_us"] is not None \
             else attempts[-1]["predicted_us"]
         measured["latency_predicted"] = attempts[-1]["predicted_us"]
-    if val_data is not None:
-        measured["accuracy"] = accuracy(small, inputs.val_loader, output_fn=output_fn)
-    timings["total_s"] = time.time() - t_start
-
-    result = CompressionResult(
-        model=small, widths=list(found.cfg), side=found.side, channels=space.channels(found.cfg), method=spec.name,
-        budget=str(budget), limits=limits, original=before, result=measured, supernet_score=found.score,
-        timings={k: round(v, 2) for k, v in timings.items()}, search=dict(found.to_dict(), latency_attempts=attempts))
-    if not result.meets_budget():  # the cost model is exact: this would be a bug, not a near miss
-        raise RuntimeError(f"the slim model misses the budget: {measured} vs {limits}")
-    if out_dir:
-        _write_outputs(result, small, source, space, found, bounds, x, out_dir, export, fit_data, keep_checkpoints)
-        outputs.finish_checkpoints(out_dir, keep_checkpoints)
-    log.info("compressed: %s -> %s, %s -> %s", human("flops", before["flops"]), human("flops", measured["flops"]),
-             human("params", before["params"]), human("params", measured["params"]))
-    return result
+    if run.val_loader is not None:
+        measured["accuracy"] = accuracy(small, run.val_loader, output_fn=output_fn)
+    return before, measured
 
 
 def _fit_supernet(ctx: FitContext) -> Fitted:
     """The fit step of a supernet method: train the supernet, search it (again, with a tightened
     limit, while the delivered model misses a latency budget) and slim the chosen configuration."""
-    timings, space = {}, ctx.space
+    clock, space = Stopwatch(), ctx.space
     # training changes ctx.model: a supernet over a copy keeps the weights before it
     before = supernet(copy.deepcopy(ctx.model), space, impl=ctx.conv_impl) if ctx.inherit != "supernet" else None
     net = supernet(ctx.model, space, impl=ctx.conv_impl)
-    t = time.time()
     batched = (lambda data: ctx.batches.loader(data)) if ctx.batches else (lambda data: loader(data, ctx.batch_size))
-    trained = train_supernet(net, batched(ctx.train_data), method=ctx.method, method_options=ctx.options,
-                             epochs=ctx.epochs, batch_size=ctx.batch_size, lr=ctx.lr, teacher=ctx.teacher,
-                             seed=ctx.seed, progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir,
-                             restart=ctx.restart, identity=ctx.identity, output_fn=ctx.output_fn,
-                             window=ctx.window)
-    timings["supernet_s"] = time.time() - t
+    with clock("supernet"):
+        trained = train_supernet(net, batched(ctx.train_data), method=ctx.method, method_options=ctx.options,
+                                 epochs=ctx.epochs, batch_size=ctx.batch_size, lr=ctx.lr, teacher=ctx.teacher,
+                                 seed=ctx.seed, progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir,
+                                 restart=ctx.restart, identity=ctx.identity, output_fn=ctx.output_fn,
+                                 window=ctx.window)
+    with clock("search"):
+        small, found, attempts = _search_and_slim(ctx, net, before, trained.records, batched)
+    return Fitted(small, found, attempts, clock.timings)
 
-    t = time.time()
+
+def _search_and_slim(ctx, net, before, records, batched):
+    """Search the trained supernet and slim the chosen configuration; with a latency budget, again
+    with a tightened limit while the delivered model misses it."""
+    space = ctx.space
     calib, scoring = batched(ctx.train_data), batched(ctx.held_out)
     search_budget, attempts = ctx.budget, []
     while True:
-        found = ctx.method.searcher(net, search_budget, calib, scoring, records=trained.records, effort=ctx.effort,
+        found = ctx.method.searcher(net, search_budget, calib, scoring, records=records, effort=ctx.effort,
                                     seed=ctx.seed, calib_batches=ctx.calib_batches,
                                     sides=ctx.sides or ctx.method.sides, progress=ctx.progress,
                                     metric=ctx.score_metric, seeds=ctx.seeds, output_fn=ctx.output_fn,
@@ -327,13 +333,11 @@ def _fit_supernet(ctx: FitContext) -> Fitted:
         source.full()
         small = slim(source.model, space, found.cfg, found.side)
         if ctx.latency is None:
-            break
+            return small, found, attempts
         search_budget = _delivery_check(small, space, found, ctx.latency, ctx.limits["latency"], search_budget,
                                         attempts)
         if search_budget is None:
-            break
-    timings["search_s"] = time.time() - t
-    return Fitted(small, found, attempts, timings)
+            return small, found, attempts
 
 
 class Batches:

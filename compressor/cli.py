@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from .config import CHANNEL_ORDERS, CONV_IMPLS, EXPORT_FORMATS, INHERIT, SCORE_METRICS, CompressConfig
 from .errors import CompressorError, ConfigError
 
 
@@ -87,18 +88,24 @@ def cmd_compress(args):
     train_dir, val_dir = _split_folder(args.data)
     train = image_folder(train_dir, args.image_size)
     val = image_folder(val_dir, args.image_size) if val_dir else None
-    learning_rates = {k: getattr(args, k) for k in ("lr", "finetune_lr") if getattr(args, k) is not None}
-    result = compress(model, args.budget, train, val, example_input=x, method=args.method,
-                      method_options=_method_options(args.method_option),
-                      supernet_epochs=args.supernet_epochs, finetune_epochs=args.finetune_epochs,
-                      batch_size=args.batch_size, conv_impl=args.conv_impl, channel_order=args.channel_order,
-                      divisor=args.divisor, inherit=args.inherit, score_metric=args.score_metric,
-                      seed_population=args.seed_population,
-                      effort=args.effort, distill=args.distill, device=args.device, out_dir=args.out, seed=args.seed,
-                      export=[e for e in args.export.split(",") if e], progress=not args.quiet, restart=args.restart,
-                      keep_checkpoints=args.keep_checkpoints, **learning_rates)
+    result = compress(model, args.budget, train, val, config=compress_config(args), example_input=x, device=args.device,
+                      out_dir=args.out, progress=not args.quiet, restart=args.restart,
+                      keep_checkpoints=args.keep_checkpoints)
     print(json.dumps({k: getattr(result, k) for k in ("widths", "side", "original", "result", "limits", "paths")},
                      indent=1))
+
+
+def compress_config(args) -> CompressConfig:
+    """The CompressConfig of `compressor compress` arguments: the one compress(**options) builds."""
+    return CompressConfig.build(**{name: getattr(args, name) for name in _CONFIG_ARGS if getattr(args, name) is not None},
+                                method_options=_method_options(args.method_option) or None,
+                                export=tuple(e for e in args.export.split(",") if e))
+
+
+# the compress flags that are CompressConfig fields of the same name (None: the config's default)
+_CONFIG_ARGS = ("method", "supernet_epochs", "finetune_epochs", "batch_size", "lr", "finetune_lr", "effort",
+                "channel_order", "divisor", "inherit", "score_metric", "seed_population", "conv_impl", "distill",
+                "seed")
 
 
 def cmd_export(args):
@@ -196,28 +203,28 @@ def build_parser():
                    help="a registered method: %(choices)s (default: %(default)s)")
     p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
                    help="an option of the method, e.g. complementary=false (bcnet) or n_random=3 (ua); repeatable")
-    p.add_argument("--supernet-epochs", type=float, default=1.0)
-    p.add_argument("--finetune-epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--supernet-epochs", type=float, default=CompressConfig.supernet_epochs)
+    p.add_argument("--finetune-epochs", type=float, default=CompressConfig.finetune_epochs)
+    p.add_argument("--batch-size", type=int, default=CompressConfig.batch_size)
     p.add_argument("--lr", type=float, help="supernet learning rate (default: compress()'s)")
     p.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default: compress()'s)")
-    p.add_argument("--effort", type=float, default=0.25, help="search effort (1.0 = population 50 x 40 generations)")
-    p.add_argument("--channel-order", choices=("taylor", "taylor-both-ends", "l1", "l1-both-ends", "none"),
-                   default="taylor", help="order each group's channels by importance before training (default: "
+    p.add_argument("--effort", type=float, default=CompressConfig.effort, help="search effort (1.0 = population 50 x 40 generations)")
+    p.add_argument("--channel-order", choices=tuple(CHANNEL_ORDERS),
+                   default=CompressConfig.channel_order, help="order each group's channels by importance before training (default: "
                    "taylor, |w dL/dw|; l1: weight magnitude; none: keep the model's order)")
     p.add_argument("--divisor", type=divisor_arg, default="auto",
                    help="widths are multiples of this (an integer; default auto: per group, see analyze)")
-    p.add_argument("--inherit", choices=("best", "supernet", "original"), default="best",
+    p.add_argument("--inherit", choices=INHERIT, default=CompressConfig.inherit,
                    help="the slim model's weights: the trained supernet's, the original's, or the better-scoring")
-    p.add_argument("--score-metric", choices=("top1", "loss"), default="top1",
+    p.add_argument("--score-metric", choices=SCORE_METRICS, default=CompressConfig.score_metric,
                    help="what ranks candidates on the held-out split")
     p.add_argument("--no-seed-population", dest="seed_population", action="store_false",
                    help="leave the uniform and global-importance configurations out of the initial population")
-    p.add_argument("--conv-impl", choices=("auto", "reference", "sliced", "cuda"), default="auto",
+    p.add_argument("--conv-impl", choices=CONV_IMPLS, default=CompressConfig.conv_impl,
                    help="masked convolution in supernet training (auto: the CUDA kernel on a GPU, else sliced)")
-    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=CompressConfig.distill,
                    help="distil the original model into the subnets and the fine-tuned model (default: on)")
-    p.add_argument("--export", default="", help="comma-separated: onnx, trt-fp32, trt-fp16, trt-int8")
+    p.add_argument("--export", default="", help="comma-separated: " + ", ".join(EXPORT_FORMATS))
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--restart", action="store_true",

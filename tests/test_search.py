@@ -412,3 +412,22 @@ def test_a_second_look_chooses_among_the_top_and_the_seeds_on_other_batches(trai
     f = found.finalists[-1]
     expected = sum(score(net, tuple(f["cfg"]), side, final, calib, calib_batches=2) for side in ("left", "right")) / 2
     assert f["fitness"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_alternate_weights_are_scored_with_the_same_draws_and_win_when_better(trained, net):
+    model, space, calib, val = trained
+    same = cz.supernet(copy.deepcopy(net.model), space)  # the same weights: its score is the left path's
+    found = search(net, "flops<=60%", calib, val, effort=0.1, calib_batches=2, progress=False, alternate=same)
+    for e in found.history:
+        assert e.score_alternate == e.score_left
+    best = max(found.history, key=lambda e: max(e.score_alternate, (e.score_left + e.score_right) / 2))
+    assert found.score == max(best.score_alternate, (best.score_left + best.score_right) / 2)
+    if found.score == found.score_alternate:  # the left path decided: it is the side delivered
+        assert found.side == "left"
+    # untrained weights lose everywhere: the ranking is the supernet's own
+    torch.manual_seed(1)
+    worse = cz.supernet(tiny_cnn(), space)
+    found = search(net, "flops<=60%", calib, val, effort=0.1, calib_batches=2, progress=False, alternate=worse)
+    plain = search(net, "flops<=60%", calib, val, effort=0.1, calib_batches=2, progress=False)
+    assert all(e.score_alternate < (e.score_left + e.score_right) / 2 for e in found.history)
+    assert found.cfg == plain.cfg and found.score == plain.score

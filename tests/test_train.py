@@ -89,6 +89,38 @@ def test_complement_rule():
     assert second[0][0] == sampler.complement(first[0][0])
 
 
+def cifar_resnet_space():
+    from compressor.cifar import resnet20
+    return cz.analyze(resnet20(), torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("budget", ["flops<=50%", "flops<=30%,params<=60%"])
+def test_a_training_window_draws_only_subnets_near_the_budget(budget):
+    from compressor.samplers import TrainingWindow
+    from compressor.search import constraints
+    space = cifar_resnet_space()
+    bounds = constraints(space, budget)
+    window = TrainingWindow(bounds[0].cost, lambda c: np.logical_and.reduce([b.ok(c) for b in bounds]),
+                            0.8 * bounds[0].limit)
+    bcnet = [cfg for _ in range(60) for cfg, _, _ in BCNetSampler(space, seed=1, window=window).next()]
+    sandwich = SandwichSampler(space, seed=1, window=window)
+    ua = [cfg for _ in range(30) for cfg, _, _ in sandwich.next()[2:]]  # the largest and the smallest stay
+    for drawn in (bcnet, ua):
+        assert all(window.contains(np.array([c]))[0] for c in drawn)
+    plain = [BCNetSampler(space, seed=1).next()[0][0] for _ in range(60)]
+    assert not all(window.contains(np.array([c]))[0] for c in plain)  # the window is a real restriction
+
+
+def test_a_window_too_narrow_to_hit_trains_the_costliest_feasible_draw():
+    from compressor.samplers import TrainingWindow
+    from compressor.search import constraints
+    space = cifar_resnet_space()
+    bound = constraints(space, "flops<=50%")[0]
+    window = TrainingWindow(bound.cost, bound.ok, 0.999999 * bound.limit)
+    cfg = BCNetSampler(space, seed=0, window=window).random_cfg()
+    assert bound.ok(np.array([cfg]))[0] and bound.cost(np.array([cfg]))[0] > 0.8 * bound.limit
+
+
 RUN_SCRIPT = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})
