@@ -24,6 +24,7 @@ from .data import train_val_split
 from .errors import ConfigError, InfeasibleBudgetError
 from .files import atomic_output, check_writable, write_text_atomic
 from .finetune import accuracy, finetune, loader
+from .formats import export_format
 from .latency import build_latency_model, runtime
 from . import outputs
 from .methods import FitContext, Fitted, get_method
@@ -434,11 +435,9 @@ def _write_outputs(result, small, source, space, found, bounds, x, out_dir, expo
         for fmt in export:
             from .exporters import export_file
             meta = {"widths": json.dumps(result.widths), "side": result.side}
-            target = "onnx" if fmt == "onnx" else "trt"
-            name = "model.onnx" if fmt == "onnx" else f"model-{fmt[4:]}.engine"
-            written = export_file(small, x, stage.path(name), fmt=target,
-                                  precision="fp32" if fmt == "onnx" else fmt[4:],
-                                  calib_data=calib_data if fmt == "trt-int8" else None, metadata=meta)
+            form = export_format(fmt)
+            written = export_file(small, x, stage.path(form.filename()), fmt=form.runtime, precision=form.precision,
+                                  calib_data=calib_data if form.precision == "int8" else None, metadata=meta)
             paths[fmt] = stage.final(written[-1] if isinstance(written, (list, tuple)) else written)
         if keep_checkpoints and os.path.isdir(os.path.join(out_dir, outputs.CHECKPOINTS)):
             paths["checkpoints"] = os.path.join(os.path.abspath(out_dir), outputs.CHECKPOINTS)

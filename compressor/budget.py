@@ -8,9 +8,10 @@ import re
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .formats import TRT_FORMATS
 
 METRICS = ("flops", "params", "latency")
-LATENCY_TARGETS = ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "trt-fp32", "trt-fp16", "trt-int8")
+LATENCY_TARGETS = ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", *TRT_FORMATS)  # trt-*: the export formats
 # Multipliers of the absolute forms; latency is kept in microseconds.
 COUNT_SUFFIXES = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9}
 TIME_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}

@@ -7,8 +7,10 @@ import logging
 import os
 import sys
 
-from .config import CHANNEL_ORDERS, CONV_IMPLS, EXPORT_FORMATS, INHERIT, SCORE_METRICS, CompressConfig
+from .budget import LATENCY_TARGETS
+from .config import CHANNEL_ORDERS, CONV_IMPLS, INHERIT, SCORE_METRICS, CompressConfig
 from .errors import CompressorError, ConfigError
+from .formats import EXPORT_FORMATS, PRECISIONS, RUNTIMES, export_format
 
 
 class _MethodNames:
@@ -114,13 +116,14 @@ def cmd_export(args):
     from .exporters import export_file
     from .slim import load_slim
     from .data import image_folder
+    fmt = export_format(args.format, args.precision)
     model = load_slim(args.model, trust_source=args.trust_source).eval()
     x = torch.randn(1, 3, args.image_size, args.image_size)
     calib = image_folder(args.calib_data, args.image_size) if args.calib_data else None
-    out = args.out or os.path.splitext(args.model)[0] + (".onnx" if args.format == "onnx" else f"-{args.precision}.engine")
+    out = args.out or fmt.filename(os.path.splitext(args.model)[0])
     _check_folder_writable(out)
     meta = {k: json.dumps(v) for k, v in model.compressor_info.items()}
-    written = export_file(model, x, out, fmt=args.format, precision=args.precision, calib_data=calib, metadata=meta)
+    written = export_file(model, x, out, fmt=fmt.runtime, precision=fmt.precision, calib_data=calib, metadata=meta)
     print("wrote", written)
 
 
@@ -224,7 +227,7 @@ def build_parser():
                    help="masked convolution in supernet training (auto: the CUDA kernel on a GPU, else sliced)")
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=CompressConfig.distill,
                    help="distil the original model into the subnets and the fine-tuned model (default: on)")
-    p.add_argument("--export", default="", help="comma-separated: " + ", ".join(EXPORT_FORMATS))
+    p.add_argument("--export", default="", help=f"comma-separated: {', '.join(EXPORT_FORMATS)}")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--restart", action="store_true",
@@ -235,8 +238,8 @@ def build_parser():
 
     p = sub.add_parser("export", help="export a slim model (model.pt from save_slim) to ONNX or TensorRT")
     p.add_argument("model", help="a .pt file written by compressor (save_slim)")
-    p.add_argument("--format", choices=("onnx", "trt"), default="onnx")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument("--format", choices=RUNTIMES, default="onnx")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16 and int8: --format trt only")
     p.add_argument("--calib-data", help="ImageFolder directory for int8 calibration")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--out", help="output path (default: beside the model)")
@@ -246,7 +249,7 @@ def build_parser():
     p = sub.add_parser("bench", help="latency of a .pt (save_slim), .onnx or .engine file (or of every .onnx file in "
                        "a folder): p50, p90, p99, throughput; an .onnx file needs only onnxruntime and numpy")
     p.add_argument("model", help="model.pt, model.onnx, model.engine, or a folder of .onnx files (latency probes)")
-    p.add_argument("--target", default="ort-cpu", help="torch-cpu, torch-cuda, ort-cpu, ort-cuda, trt-fp32/fp16/int8")
+    p.add_argument("--target", default="ort-cpu", help=", ".join(LATENCY_TARGETS))
     p.add_argument("--batch", type=int, help="batch size (default: the first dim of --input, an .onnx file's static batch, else 1)")
     p.add_argument("--input", help="input shape NxCxHxW (default 1x3x224x224; an .onnx file's own static shape)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch / ONNX Runtime intra-op)")

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .formats import export_format
 
 # channel_order: (importance criterion, the layout order_channels gives each group); "none" keeps
 # the model's order
@@ -15,7 +16,6 @@ CHANNEL_ORDERS = {"l1": ("l1", "left"), "l1-both-ends": ("l1", "both-ends"), "no
 INHERIT = ("supernet", "original", "best")  # where the slim model's weights come from
 SCORE_METRICS = ("top1", "loss")
 CONV_IMPLS = ("auto", "sliced", "reference", "cuda")
-EXPORT_FORMATS = ("onnx", "trt-fp32", "trt-fp16", "trt-int8")
 
 
 def _choice(name, value, choices):
@@ -48,7 +48,7 @@ class CompressConfig:
     divisor: int | str = "auto"
     exclude: tuple = ()
     seed: int = 0
-    export: tuple = ()                  # of EXPORT_FORMATS
+    export: tuple = ()                  # of formats.EXPORT_FORMATS
     conv_impl: str = "auto"
     channel_order: str = "taylor"       # of CHANNEL_ORDERS
     score_metric: str = "top1"          # of SCORE_METRICS
@@ -68,8 +68,7 @@ class CompressConfig:
         if self.sides is not None:
             fix(self, "sides", tuple(self.sides))
         for fmt in self.export:
-            if fmt not in EXPORT_FORMATS:
-                raise ConfigError(f"unknown export format {fmt!r}: use {', '.join(EXPORT_FORMATS)}")
+            export_format(fmt)  # ConfigError naming the valid formats
         _choice("inherit", self.inherit, INHERIT)
         _choice("channel_order", self.channel_order, tuple(CHANNEL_ORDERS))
         _choice("score_metric", self.score_metric, SCORE_METRICS)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .groups import layer_kind
+from .layers import kind_of
 
 
 def measure_flops(model: nn.Module, example_input: torch.Tensor) -> int:
@@ -65,16 +65,17 @@ class CostModel:
             for (mname, role), table in group.index.items():
                 coverage.setdefault((mname, role), []).append((g, table.shape[1], group.size))
 
-        calls = []  # (name, module, output elements per channel) for each conv/linear call
+        calls = []  # (name, module, kind, output elements per channel) for each conv/linear call
         handles = []
         for name, module in model.named_modules():
-            if layer_kind(module) in ("conv", "depthwise", "grouped_conv", "linear"):
+            kind = kind_of(module)
+            if kind is not None and kind.flops:
                 # output elements per output channel of the one-sample forward: H*W for a conv,
                 # the number of rows (tokens) for a linear. The whole output, not o[0]: a model may
                 # fold the spatial grid into the batch dimension (MobileViT's transformer runs on
                 # (patch_area, patches, dim) for one image), and o[0] would be one patch position
-                handles.append(module.register_forward_hook(lambda m, i, o, name=name: calls.append(
-                    (name, m, o.numel() // (m.out_features if isinstance(m, nn.Linear) else m.out_channels)))))
+                handles.append(module.register_forward_hook(lambda m, i, o, name=name, kind=kind: calls.append(
+                    (name, m, kind, o.numel() // kind.size(m, "out")))))
         try:
             with torch.no_grad():
                 model(sample)
@@ -84,23 +85,18 @@ class CostModel:
 
         n = len(groups)
         f_out, f_in, f_coef = _AffineDims(n), _AffineDims(n), []
-        for name, module, per_channel in calls:
-            self._add_dims(module, name, coverage, f_out, f_in)
-            kernel = int(np.prod(module.kernel_size)) if hasattr(module, "kernel_size") else 1
-            f_coef.append(2 * per_channel * kernel)
+        for name, module, kind, per_channel in calls:
+            self._add_dims(kind, module, name, coverage, f_out, f_in)
+            f_coef.append(2 * per_channel * kind.cost(module).per_pair)
 
         p_out, p_in, p_coef, p_lin = _AffineDims(n), _AffineDims(n), [], []
         for name, module in model.named_modules():
-            kind = layer_kind(module)
-            if kind in ("conv", "depthwise", "grouped_conv", "linear"):
-                self._add_dims(module, name, coverage, p_out, p_in)
-                p_coef.append(int(np.prod(module.kernel_size)) if hasattr(module, "kernel_size") else 1)
-                p_lin.append(1 if module.bias is not None else 0)
-            elif kind == "bn" and module.affine:
-                p_out.add(module.num_features, coverage.get((name, "out"), ()))
-                p_in.add_constant(0)  # no weight matrix: the in-dim term is zero
-                p_coef.append(0)
-                p_lin.append(2)
+            kind = kind_of(module)
+            if kind is not None:
+                self._add_dims(kind, module, name, coverage, p_out, p_in)
+                cost = kind.cost(module)
+                p_coef.append(cost.per_pair)
+                p_lin.append(cost.per_channel)
 
         # the multiplicity matrices are stored transposed, (G, L), for k @ M
         self.flop_out, self.flop_out_m = f_out.arrays()
@@ -116,18 +112,13 @@ class CostModel:
         self.params_constant = count_params(model) - self._params(full)
 
     @staticmethod
-    def _add_dims(module, name, coverage, out_dims, in_dims):
-        kind = layer_kind(module)
-        total_out = module.out_features if kind == "linear" else module.out_channels
-        out_cov = coverage.get((name, "out"), ())
-        out_dims.add(total_out, out_cov)
-        if kind == "depthwise":
-            in_dims.add_constant(1)  # one input channel per filter, whatever the width
-        elif kind == "grouped_conv":
-            in_dims.add_constant(module.in_channels // module.groups)  # its groups are frozen
+    def _add_dims(kind, module, name, coverage, out_dims, in_dims):
+        out_dims.add(kind.size(module, "out"), coverage.get((name, "out"), ()))
+        fixed_in = kind.cost(module).fixed_in  # a depthwise filter reads one channel whatever the width
+        if fixed_in is None:
+            in_dims.add(kind.size(module, "in"), coverage.get((name, "in"), ()))
         else:
-            total_in = module.in_features if kind == "linear" else module.in_channels
-            in_dims.add(total_in, coverage.get((name, "in"), ()))
+            in_dims.add_constant(fixed_in)
 
     def _flops(self, k):
         out = self.flop_out + k @ self.flop_out_m

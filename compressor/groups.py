@@ -20,9 +20,8 @@ import torch_pruning as tp
 from torch import nn
 
 from .errors import ConfigError, UnsupportedModelError
+from .layers import LAYER_KINDS, layer_kind
 
-# Layers whose channel slicing we model exactly (masking == slicing, cost formula known).
-_BN = nn.modules.batchnorm._BatchNorm
 _PASS_THROUGH_OPS = {
     tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE,
     tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.EXPAND, tp.ops.OPTYPE.OUTPUT,
@@ -54,25 +53,6 @@ class ChannelGroup:
 
     def __repr__(self):
         return f"ChannelGroup({self.name!r}, size={self.size}, members={len(self.members)})"
-
-
-def layer_kind(module: nn.Module) -> str:
-    if isinstance(module, nn.Conv2d) or isinstance(module, nn.Conv1d):
-        if module.transposed:
-            return "conv_transposed"
-        if module.groups == 1:
-            return "conv"
-        if module.groups == module.in_channels == module.out_channels:
-            return "depthwise"
-        return "grouped_conv"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, _BN):
-        return "bn"
-    return type(module).__name__
-
-
-SUPPORTED_KINDS = {"conv", "depthwise", "linear", "bn"}
 
 
 @contextlib.contextmanager
@@ -275,26 +255,18 @@ def _freeze_reason(group_items, graph, names, exclude_match):
             return f"an unwrapped parameter '{target.name}' carries these channels"
         name = names.get(module, target.name)
         kind = layer_kind(module)
+        entry = LAYER_KINDS.get(kind)
         role = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
-        if kind not in SUPPORTED_KINDS:
+        if entry is None or not entry.maskable:
             return (f"module '{name}' ({kind}) touches these channels and cannot be masked "
                     f"exactly; only plain/depthwise convolutions, linear and batch-norm layers can")
         if role == "out" and exclude_match(name, module):
             return f"excluded by the user ('{name}')"
-        if role == "in" and kind in ("conv", "linear"):
+        if role == "in" and entry.in_dim is not None:  # it reads them as inputs of its own
             consumers += 1
     if consumers == 0:
         return "these channels reach the model output (the classifier output is never pruned)"
     return None
-
-
-def _layer_size(module, role):
-    """The number of channels of `module` on `role` ("out": outputs or normalised features)."""
-    if isinstance(module, nn.Linear):
-        return module.out_features if role == "out" else module.in_features
-    if isinstance(module, _BN):
-        return module.num_features
-    return module.out_channels if role == "out" else module.in_channels
 
 
 def _index_table(root_of_idx, size):
@@ -338,8 +310,8 @@ def find_groups(model: nn.Module, graph: tp.DependencyGraph, exclude=()):
             module = target.module
             role = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
             kind = layer_kind(module)
-            if kind in ("bn", "depthwise"):
-                role = "out"  # their input and output channels are the same channels
+            if LAYER_KINDS[kind].in_dim is None:
+                role = "out"  # its input and output channels are the same channels
             entry = collected.setdefault((names[module], role, kind), {})
             for idx, root_idx in zip(item.idxs, item.root_idxs):
                 entry.setdefault(idx, root_idx)
@@ -349,7 +321,7 @@ def find_groups(model: nn.Module, graph: tp.DependencyGraph, exclude=()):
             if table is None:
                 reason = f"module '{mname}' maps these channels unevenly"
                 break
-            width = _layer_size(model.get_submodule(mname), role)
+            width = LAYER_KINDS[kind].size(model.get_submodule(mname), role)
             if table.max() >= width:  # our own check of Torch-Pruning's index mapping
                 ops = sorted({item.dep.target.name for item in tp_group.items
                               if item.dep.target.type in _PASS_THROUGH_OPS}) or ["?"]

@@ -15,14 +15,15 @@ from torch.utils._pytree import tree_leaves
 from ._version import __version__
 from .errors import ConfigError, UnsupportedModelError
 from .files import atomic_torch_save
-from .groups import innermost_module_on_error, layer_kind
+from .groups import innermost_module_on_error
+from .layers import LAYER_KINDS, kind_of
 from .models import PROJECT_BUILDERS, is_known_builder, load_model
 from .space import WidthSpace, check_side
 from .supernet import Supernet, check_space
 from .batches import logits, read_batches
 
 FORMAT = "compressor-slim-1"
-_SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features")
+_SHAPE_ATTRS = tuple(dict.fromkeys(a for kind in LAYER_KINDS.values() for a in kind.shape_attrs))
 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,51 +42,9 @@ def inactive_indices(space: WidthSpace, cfg, side) -> dict:
     return {key: np.unique(np.concatenate(parts)) for key, parts in drop.items()}
 
 
-def _cut(module, name, dim, keep):
-    """Keep only indices `keep` of parameter/buffer `name` along `dim`."""
-    tensor = getattr(module, name)
-    if tensor is None:
-        return
-    kept = tensor.detach().index_select(dim, keep.to(tensor.device)).clone()
-    if isinstance(tensor, nn.Parameter):
-        setattr(module, name, nn.Parameter(kept, requires_grad=tensor.requires_grad))
-    else:
-        module._buffers[name] = kept
-
-
-def _layer_size(module, role):
-    kind = layer_kind(module)
-    if kind == "bn":
-        return module.num_features
-    if kind == "linear":
-        return module.out_features if role == "out" else module.in_features
-    return module.out_channels if role == "out" else module.in_channels
-
-
-def _select(module, role, keep):
-    """Keep layer indices `keep` (a LongTensor, in that order) of the channels `role` addresses:
-    fewer of them slims the layer, all of them in another order permutes it."""
-    kind = layer_kind(module)
-    n = len(keep)
-    if kind == "bn":
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            _cut(module, attr, 0, keep)
-        module.num_features = n
-    elif kind == "depthwise":  # input and output channels are the same channels
-        _cut(module, "weight", 0, keep)
-        _cut(module, "bias", 0, keep)
-        module.in_channels = module.out_channels = module.groups = n
-    elif role == "out":
-        _cut(module, "weight", 0, keep)
-        _cut(module, "bias", 0, keep)
-        setattr(module, "out_features" if kind == "linear" else "out_channels", n)
-    else:
-        _cut(module, "weight", 1, keep)
-        setattr(module, "in_features" if kind == "linear" else "in_channels", n)
-
-
 def _remove(module, role, drop):
-    _select(module, role, torch.from_numpy(np.setdiff1d(np.arange(_layer_size(module, role)), drop)))
+    kind = kind_of(module)
+    kind.select(module, role, torch.from_numpy(np.setdiff1d(np.arange(kind.size(module, role)), drop)))
 
 
 IMPORTANCE = ("l1", "taylor")
@@ -115,7 +74,7 @@ def channel_importance(model: nn.Module, space: WidthSpace, criterion: str = "l1
             w = weight.detach().abs().float()
             if criterion == "taylor":
                 w = w * weight.grad.detach().abs().float()
-            dim = 1 if role == "in" and layer_kind(module) != "bn" else 0
+            dim = kind_of(module).weight_dim(role)
             others = tuple(d for d in range(w.dim()) if d != dim)
             per_index = (w.sum(others) if others else w).cpu().numpy()  # sum over () would sum everything
             per_index = per_index / max(per_index.mean(), 1e-12)
@@ -165,10 +124,12 @@ def order_channels(model: nn.Module, space: WidthSpace, layout: str = "left", im
             ends[0::2], ends[1::2] = np.arange((n + 1) // 2), n - 1 - np.arange(n // 2)
             perm = perm[np.argsort(ends)]
         for (name, role), table in group.index.items():
-            order = orders.setdefault((name, role), np.arange(_layer_size(model.get_submodule(name), role)))
+            module = model.get_submodule(name)
+            order = orders.setdefault((name, role), np.arange(kind_of(module).size(module, role)))
             order[table.ravel()] = table[perm].ravel()
     for (name, role), order in orders.items():
-        _select(ordered.get_submodule(name), role, torch.from_numpy(order))
+        module = ordered.get_submodule(name)
+        kind_of(module).select(module, role, torch.from_numpy(order))
     return ordered
 
 
@@ -240,7 +201,7 @@ def _check_parity(model, space, cfg, side, small, x, tolerance):
     for name in order:
         active = net.active_channels(name)
         full = recorded["net"][name]
-        dim = -1 if isinstance(net.model.get_submodule(name), nn.Linear) else 1
+        dim = kind_of(net.model.get_submodule(name)).channel_dim
         expected = full if active is None else full.index_select(dim, active.to(full.device))
         got = recorded["small"].get(name)
         if got is None or got.shape != expected.shape or max_rel_diff(expected, got) > tolerance:
@@ -256,8 +217,8 @@ def _check_parity(model, space, cfg, side, small, x, tolerance):
 
 
 def _shapes(model: nn.Module) -> dict:
-    return {name: {a: getattr(m, a) for a in _SHAPE_ATTRS if hasattr(m, a)}
-            for name, m in model.named_modules() if layer_kind(m) in ("conv", "depthwise", "grouped_conv", "linear", "bn")}
+    return {name: {a: getattr(m, a) for a in kind_of(m).shape_attrs}
+            for name, m in model.named_modules() if kind_of(m) is not None}
 
 
 def save_slim(small: nn.Module, path: str, source: str | None = None):

@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .kernels import IMPLS, masked_conv2d
+from .layers import kind_of
 from .space import WidthSpace, check_model, check_side, fingerprint
 
 
@@ -82,16 +83,16 @@ class Supernet(nn.Module):
         are exactly one group in index order, so the active channels are one contiguous window."""
         convs = {}
         for name, module in self.model.named_modules():
-            if not isinstance(module, nn.Conv2d) or isinstance(module.padding, str) or module.padding_mode != "zeros" \
-                    or _conv_padding(module) is None:
-                continue
-            depthwise = module.groups == module.in_channels == module.out_channels > 1
-            if module.groups != 1 and not depthwise:
+            kind = kind_of(module)
+            # 2-d: masked_conv2d's; padding: what _conv_padding knows
+            if kind is None or kind.window != "conv" or not isinstance(module, nn.Conv2d) \
+                    or isinstance(module.padding, str) or module.padding_mode != "zeros" or _conv_padding(module) is None:
                 continue
             sides = []
-            for role, channels in (("out", module.out_channels), ("in", module.in_channels)):
-                if depthwise:
-                    role = "out"
+            for role in ("out", "in"):
+                channels = kind.size(module, role)
+                if kind.in_dim is None:
+                    role = "out"  # a depthwise conv's input window is its output window
                 covering = self._covering(name, role)
                 if not covering:
                     sides.append(None)
@@ -108,7 +109,10 @@ class Supernet(nn.Module):
         index order, and whose forward is batch norm's own or a known subclass's (_after_norm)."""
         norms = {}
         for name, module in self.model.named_modules():
-            if isinstance(module, nn.BatchNorm2d) and _after_norm(module) is not None:
+            kind = kind_of(module)
+            # BatchNorm2d: _batch_norm_window pads (N, C, H, W)
+            if kind is not None and kind.window == "norm" and isinstance(module, nn.BatchNorm2d) \
+                    and _after_norm(module) is not None:
                 covering = self._covering(name, "out")
                 if len(covering) == 1 and identity.get((name, "out")) == covering and \
                         self.space.groups[covering[0]].size == module.num_features:
@@ -142,7 +146,7 @@ class Supernet(nn.Module):
             m = self._device_masks.get(key)
             if m is None:
                 m = mask.to(device=output.device, dtype=output.dtype)
-                if not isinstance(module, nn.Linear):  # channels are dim 1 of (N, C, ...)
+                if kind_of(module).channel_dim == 1:  # channels are dim 1 of (N, C, ...), else the last
                     m = m.view(-1, *([1] * (output.dim() - 2)))
                 self._device_masks[key] = m
             if self._saved_stats is not None and self._saved_stats[0] is module:
@@ -182,8 +186,7 @@ class Supernet(nn.Module):
             if all(windows[g][1] == self.space.groups[g].size for g, _ in entries):
                 continue  # every group of this layer is at full width
             module = self.model.get_submodule(name)
-            size = module.out_features if isinstance(module, nn.Linear) else (
-                module.num_features if hasattr(module, "num_features") else module.out_channels)
+            size = kind_of(module).size(module, "out")
             mask = np.ones(size, dtype=np.float32)
             for g, table in entries:
                 start, k = windows[g]

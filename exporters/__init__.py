@@ -3,6 +3,7 @@ runner (engine_runner.py), plus `export_file`, the one call behind the CLI's exp
 import os
 
 from compressor.errors import ConfigError
+from compressor.formats import RUNTIMES as FORMATS
 
 from .engine_runner import EngineRunner, TensorRTUnavailable
 from .onnx import ExportError, ExportReport, export_onnx, load_onnx_metadata
@@ -15,8 +16,6 @@ from .tensorrt import (
     check_engine_parity,
     require_tensorrt,
 )
-
-FORMATS = ("onnx", "trt")
 
 __all__ = [
     "EngineBuild", "EngineRunner", "ExportError", "ExportReport", "FORMATS", "TensorRTUnavailable",

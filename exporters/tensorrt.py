@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from compressor.errors import ConfigError
+from compressor.formats import PRECISIONS
 
 from .engine_runner import (  # noqa: F401  (TensorRTUnavailable is part of this module's API)
     EngineRunner,
@@ -29,7 +30,6 @@ from .onnx import ExportError, onnxruntime_session, run_onnxruntime
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_MAX_BATCH = 32
 DEFAULT_WORKSPACE_GB = 4.0
 # Engine vs ONNX Runtime (fp32 reference): max|y_trt - y_ort| <= RTOL * max|y_ort| ...

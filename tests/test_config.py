@@ -34,7 +34,7 @@ class Unreadable(torch.utils.data.Dataset):
     ({"efort": 0.1}, "unknown option 'efort' for compress\\(\\): valid options are method, method_options"),
     ({"supernet_window": 1.5}, "supernet_window must be a fraction of the budget in \\(0, 1\\]"),
     ({"score_original": True, "inherit": "supernet"}, 'inherit="supernet" never slims from them'),
-    ({"export": "tflite"}, "unknown export format 'tflite': use onnx, trt-fp32, trt-fp16, trt-int8"),
+    ({"export": "tflite"}, "unknown export format 'tflite': use onnx, trt-fp32, trt-fp16 or trt-int8"),
     ({"effort": 0}, "effort must be a number > 0"),
     ({"calib_batches": 0}, "calib_batches must be an integer > 0"),
     ({"score_metric": "top-1"}, "unknown score_metric 'top-1'"),

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..groups import layer_kind
+from ..layers import LAYER_KINDS, kind_of
 
 FIXED = -1  # group index of a dimension no group controls
 
@@ -33,21 +33,20 @@ class Dim:
 @dataclass(frozen=True)
 class Layer:
     name: str
-    kind: str             # conv, depthwise, grouped_conv, linear
+    kind: str             # a key of LAYER_KINDS with a latency probe: conv, depthwise, grouped_conv, linear
     cin: Dim
     cout: Dim
     input_shape: tuple    # one sample, without the channel/feature dim
-    params: tuple         # conv: (kernel, stride, padding, dilation, groups); linear: ()
+    params: tuple         # the kind's probe_params: conv (kernel, stride, padding, dilation, groups); linear ()
+
+    @property
+    def in_follows_out(self) -> bool:
+        """Its input channels are its output channels (depthwise): it is timed at one width, not two."""
+        return LAYER_KINDS[self.kind].in_dim is None
 
     def module_and_input(self, cin: int, cout: int, batch: int):
         """The layer alone at `cin` -> `cout` channels, with a random input of its real shape."""
-        if self.kind == "linear":
-            return nn.Linear(cin, cout), torch.randn(batch, *self.input_shape, cin)
-        kernel, stride, padding, dilation, groups = self.params
-        if self.kind == "depthwise":
-            groups = cout
-        conv = nn.Conv2d(cin, cout, kernel, stride, padding, dilation, groups=groups, bias=True)
-        return conv, torch.randn(batch, cin, *self.input_shape)
+        return LAYER_KINDS[self.kind].probe(self.params, cin, cout, batch, self.input_shape)
 
     def signature(self, cin: int, cout: int) -> str:
         """What the timing depends on: identical layers of a model (ResNet's repeated blocks) share it."""
@@ -74,15 +73,15 @@ def find_layers(model: nn.Module, space) -> list:
             coverage.setdefault(key, []).append((g, table.shape[1]))
     shapes, handles = {}, []
 
-    def record(name):
+    def record(name, kind):
         def hook(module, inputs, output):
-            x = inputs[0]
-            shapes.setdefault(name, tuple(x.shape[1:-1] if isinstance(module, nn.Linear) else x.shape[2:]))
+            shapes.setdefault(name, kind.sample_shape(inputs[0]))
         return hook
 
     for name, module in model.named_modules():
-        if layer_kind(module) in ("conv", "depthwise", "grouped_conv", "linear"):
-            handles.append(module.register_forward_hook(record(name)))
+        kind = kind_of(module)
+        if kind is not None and kind.probe is not None:
+            handles.append(module.register_forward_hook(record(name, kind)))
     modes = [m.training for m in model.modules()]
     try:
         with torch.no_grad():  # eval mode: BN running statistics must not move
@@ -96,17 +95,11 @@ def find_layers(model: nn.Module, space) -> list:
     for name, module in model.named_modules():
         if name not in shapes:
             continue
-        kind = layer_kind(module)
-        if kind == "linear":
-            cin = _dim(space, coverage, name, "in", module.in_features)
-            cout = _dim(space, coverage, name, "out", module.out_features)
-            params = ()
-        else:
-            cout = _dim(space, coverage, name, "out", module.out_channels)
-            # a depthwise conv's input channels are its output channels: its cost follows one group
-            cin = Dim(FIXED, 0, 0) if kind == "depthwise" else _dim(space, coverage, name, "in", module.in_channels)
-            params = (module.kernel_size, module.stride, module.padding, module.dilation, module.groups)
-        layers.append(Layer(name, kind, cin, cout, shapes[name], params))
+        kind = kind_of(module)
+        cout = _dim(space, coverage, name, "out", kind.size(module, "out"))
+        # a depthwise conv's input channels are its output channels: its cost follows one group
+        cin = Dim(FIXED, 0, 0) if kind.in_dim is None else _dim(space, coverage, name, "in", kind.size(module, "in"))
+        layers.append(Layer(name, kind.name, cin, cout, shapes[name], kind.probe_params(module)))
     return layers
 
 

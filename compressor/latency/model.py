@@ -185,7 +185,7 @@ def build_latency_model(model, space, target="ort-cpu", *, cache_dir=None, point
 
     table = np.stack([_layer_table(space, layer, win, wout, cache.data["layers"])
                       for layer, (win, wout) in zip(layers, grids)])
-    gin = [FIXED if l.kind == "depthwise" else l.cin.group for l in layers]
+    gin = [FIXED if l.in_follows_out else l.cin.group for l in layers]
     gout = [l.cout.group for l in layers]
     draft = LatencyModel(target, table, gin, gout, 1.0, 0.0, 0.0)
 
@@ -221,7 +221,7 @@ def _plan(model, space, points, calibration, seed):
     """(layers, their width grids, {signature: (layer, cin, cout)} of every layer timing, the
     calibration configurations): what a latency model of `space` times."""
     layers = find_layers(model, space)
-    grids = [(widths(space, l.cin, points) if l.kind != "depthwise" else None, widths(space, l.cout, points))
+    grids = [(widths(space, l.cin, points) if not l.in_follows_out else None, widths(space, l.cout, points))
              for l in layers]
     jobs = {}
     for layer, (win, wout) in zip(layers, grids):
@@ -332,7 +332,7 @@ def _layer_table(space, layer, win, wout, timings) -> np.ndarray:
         win = np.array([0])
     else:
         grid = np.array([[timings[layer.signature(ci, co)]["median_us"] for co in wout] for ci in win])
-    size_in = bin_sizes(space, layer.cin) if layer.kind != "depthwise" else np.zeros(space.bins + 1)
+    size_in = bin_sizes(space, layer.cin) if not layer.in_follows_out else np.zeros(space.bins + 1)
     size_out = bin_sizes(space, layer.cout)
     rows = np.array([np.interp(size_out, wout, grid[i]) for i in range(len(win))])        # (len(win), N+1)
     return np.stack([np.interp(size_in, win, rows[:, b]) for b in range(rows.shape[1])], axis=1)

@@ -16,6 +16,7 @@ import torch
 
 from ..budget import LATENCY_TARGETS
 from ..errors import ConfigError
+from ..formats import TRT_FORMATS, export_format
 from .ort_bench import RuntimeMissing, cpu_name, measure_session, require_ort, session
 from .stats import Measurement, time_calls
 
@@ -45,8 +46,8 @@ class Target:
 
     @property
     def precision(self) -> str:
-        if self.runtime.startswith("trt-"):
-            return self.runtime[4:]
+        if self.runtime in TRT_FORMATS:
+            return export_format(self.runtime).precision
         return "fp16" if self.half else "fp32"
 
     @property
