@@ -56,7 +56,7 @@ class CompressConfig:
     inherit: str = "best"               # of INHERIT
     sides: tuple | None = None          # the sides the search scores (None: the method's)
     final_batches: int = 0              # the finalists' second look (0: none)
-    supernet_window: float | None = None  # train subnets costing [window x limit, limit] (None: all)
+    supernet_window: float | None = 0.8  # train subnets costing [window x limit, limit] (None: all)
     score_original: bool = False        # the search scores the weights before supernet training too
 
     def __post_init__(self):
