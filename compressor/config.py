@@ -15,7 +15,7 @@ CHANNEL_ORDERS = {"l1": ("l1", "left"), "l1-both-ends": ("l1", "both-ends"), "no
                   "taylor": ("taylor", "left"), "taylor-both-ends": ("taylor", "both-ends")}
 INHERIT = ("supernet", "original", "best")  # where the slim model's weights come from
 SCORE_METRICS = ("top1", "loss")
-CONV_IMPLS = ("auto", "sliced", "reference", "cuda")
+CONV_IMPLS = ("auto", "sliced", "reference", "cuda")  # kernels.IMPLS, which imports torch (tests keep them equal)
 
 
 def _choice(name, value, choices):

@@ -48,3 +48,11 @@ def test_a_config_and_options_over_it():
     base = CompressConfig.build(effort=0.5, seed=3)
     assert CompressConfig.build(base, seed=4) == CompressConfig.build(effort=0.5, seed=4)
     assert "export" not in base.identity() and base.identity()["effort"] == 0.5
+
+
+def test_the_torch_free_lists_match_the_modules_they_name():
+    from compressor.config import CONV_IMPLS
+    from compressor.kernels import IMPLS
+    from compressor.search import METRICS
+    from compressor.config import SCORE_METRICS
+    assert set(CONV_IMPLS) == set(IMPLS) and set(SCORE_METRICS) == set(METRICS)
