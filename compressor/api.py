@@ -34,7 +34,7 @@ from .samplers import TrainingWindow
 from .stopwatch import Stopwatch
 from .search import (constraints, human, importance_baseline, recalibrate_bn, same_draws, score,
                      uniform_baseline)
-from .slim import channel_importance, order_channels, save_slim, slim
+from .slim import channel_importance, freeze_unsliceable, order_channels, save_slim, slim
 from .space import analyze
 from .supernet import supernet
 from .timing import cpu_latency_ms
@@ -224,7 +224,8 @@ def _prepare(model, budget, train_data, val_data, cfg, clock, *, example_input, 
         before["accuracy"] = accuracy(original, inputs.val_loader, output_fn=output_fn)
     x = inputs.example.to(device)
     with clock("analyze"):
-        space = analyze(work, x, bins=cfg.bins, divisor=cfg.divisor, exclude=cfg.exclude)
+        # groups whose slimming breaks a module are frozen now, not refused after training
+        space = freeze_unsliceable(work, analyze(work, x, bins=cfg.bins, divisor=cfg.divisor, exclude=cfg.exclude))
     latency = _latency_constraint(budget)
     if latency is not None:
         with clock("latency_model"):

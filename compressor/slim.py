@@ -3,6 +3,7 @@ prove the result computes what the masked supernet computes."""
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import pickle
 from collections import defaultdict
@@ -21,6 +22,8 @@ from .models import PROJECT_BUILDERS, is_known_builder, load_model
 from .space import WidthSpace, check_side
 from .supernet import Supernet, check_space
 from .batches import logits, read_batches
+
+log = logging.getLogger("compressor.slim")
 
 FORMAT = "compressor-slim-1"
 _SHAPE_ATTRS = tuple(dict.fromkeys(a for kind in LAYER_KINDS.values() for a in kind.shape_attrs))
@@ -158,6 +161,41 @@ def slim(model: nn.Module, space: WidthSpace, cfg, side: str = "left", check: bo
                       tolerance)
         small.train(training)
     return small
+
+
+def freeze_unsliceable(model: nn.Module, space: WidthSpace, rounds: int = 3) -> WidthSpace:
+    """`space` with every group frozen whose slimming breaks `model`: slims the smallest
+    configuration with the parity check, and when that fails, finds the groups that fail it one
+    at a time (each alone at its smallest width) and freezes them, naming the module each one
+    breaks. A model whose failure no single group explains keeps the refusal
+    (UnsupportedModelError), now before any training instead of after it."""
+    for _ in range(rounds):
+        try:
+            slim(model, space, space.min(), "left")
+            return space
+        except UnsupportedModelError:
+            failures = {g: e for g in range(len(space)) if (e := _failure(model, space, g)) is not None}
+            if not failures:
+                raise
+            reasons = {g: f"slimming it breaks module '{e.module}' ({e.op}): something there uses these channels "
+                          f"outside Torch-Pruning's graph (a buffer, a parameter or a functional op of a fixed channel count)"
+                       for g, e in failures.items()}
+            log.warning("freezing %d group(s) whose slimming breaks the model: %s", len(reasons),
+                        "; ".join(f"{space.groups[g].name} (module '{failures[g].module}')" for g in reasons))
+            space = space.without(model, reasons)
+    slim(model, space, space.min(), "left")  # still failing after `rounds`: the refusal stands
+    return space
+
+
+def _failure(model, space, g):
+    """The UnsupportedModelError of slimming group g alone to its smallest width, or None."""
+    cfg = list(space.max())
+    cfg[g] = int(space.min_bins[g])
+    try:
+        slim(model, space, cfg, "left")
+    except UnsupportedModelError as e:
+        return e
+    return None
 
 
 def _check_parity(model, space, cfg, side, small, x, tolerance):

@@ -91,6 +91,24 @@ class WidthSpace:
     def __len__(self):
         return len(self.groups)
 
+    def without(self, model: nn.Module, reasons: dict) -> "WidthSpace":
+        """This space with the groups at the indices of `reasons` frozen, each for its reason
+        (their channels stay full; the cost model is rebuilt on `model`, the model this space was
+        analysed on)."""
+        drop = set(reasons)
+        keep = [g for i, g in enumerate(self.groups) if i not in drop]
+        if not keep:
+            raise UnsupportedModelError(f"no channel group can be slimmed: {'; '.join(reasons.values())}",
+                                        module=self.groups[min(drop)].name, op="no prunable group")
+        rows = [i for i in range(len(self.groups)) if i not in drop]
+        work = copy.deepcopy(model).eval()
+        example = self.example_input.to(next(work.parameters()).device)
+        return WidthSpace(keep, {**self.frozen, **{self.groups[i].name: reasons[i] for i in sorted(drop)}},
+                          CostModel(work, keep, example), bins=self.bins, divisor=self.divisor,
+                          example_input=self.example_input, min_bins=self.min_bins[rows],
+                          max_bins=self.max_bins[rows], source=self.source, model_fingerprint=self.fingerprint)
+
+
     def __repr__(self):
         return (f"WidthSpace({len(self.groups)} groups, {len(self.frozen)} frozen, bins={self.bins}, "
                 f"divisor={self.divisor})")

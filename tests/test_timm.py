@@ -123,6 +123,32 @@ def test_slim_names_the_module_a_slim_model_fails_in():
     assert info.value.module == "maxpool.1" and "BlurPool2d" in str(info.value)
 
 
+@pytest.mark.parametrize("name, broken", [("resnetblur18", "BlurPool2d"), ("nf_regnet_b0", "ScaledStdConv2d")])
+def test_groups_whose_slimming_breaks_a_module_are_frozen_before_training(name, broken):
+    """BlurPool2d filters with a buffer of fixed channel count, ScaledStdConv2d holds a gain of
+    fixed size: both outside Torch-Pruning's graph, so slimming their channels breaks the model.
+    freeze_unsliceable (compress's prepare stage) finds those groups one at a time and freezes
+    them with the reason; the rest of the model still slims, with parity and exact cost."""
+    from compressor.slim import freeze_unsliceable
+    torch.manual_seed(0)
+    model = with_real_statistics(build_timm(name, num_classes=10), size=SIZE).eval()
+    example = torch.randn(1, 3, SIZE, SIZE)
+    space = cz.analyze(model, example)
+    with pytest.raises(cz.UnsupportedModelError):
+        cz.slim(model, space, space.min(), "left")
+    fixed = freeze_unsliceable(model, space)
+    added = {n: r for n, r in fixed.frozen.items() if n not in space.frozen}
+    assert added and 0 < len(fixed) == len(space) - len(added)
+    assert all(f"({broken})" in reason and "slimming it breaks module" in reason for reason in added.values())
+    for seed in range(2):
+        cfg = fixed.random(seed=seed)
+        diff, small = parity(model, fixed, cfg, "left", torch.randn(2, 3, SIZE, SIZE))
+        assert diff <= 1e-4
+        assert cz.measure_flops(small, example) == fixed.flops(cfg)
+        assert cz.count_params(small) == fixed.params(cfg)
+    assert freeze_unsliceable(model, fixed) is fixed  # nothing left to freeze
+
+
 def test_analysis_time_limit_names_module_and_op():
     """Torch-Pruning's grouping loops for a very long time on ecaresnet26t (its ECA conv1d over the
     channel dimension; before, analyze hung past the sweep's 120 s limit): past `time_limit`
