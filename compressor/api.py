@@ -271,7 +271,7 @@ def _training_window(bounds, low):
     if low is None:
         return None
     return TrainingWindow(cost=bounds[0].cost, feasible=lambda cfgs: np.logical_and.reduce([b.ok(cfgs) for b in bounds]),
-                          low=low * bounds[0].limit)
+                          low=low * bounds[0].limit, label=f"{low} x the limit")  # the run records the budget
 
 
 def _measure(run, small, attempts, output_fn):

@@ -31,6 +31,9 @@ class TrainingWindow:
     cost: Callable[[np.ndarray], np.ndarray]
     feasible: Callable[[np.ndarray], np.ndarray]
     low: float
+    # what defines the window independently of the model (e.g. "0.8 x flops<=50%"): a resumed run
+    # is checked against it; empty: `low` itself
+    label: str = ""
 
     def scores(self, cfgs: np.ndarray) -> np.ndarray:
         """(B,) the primary cost of the feasible configurations, -inf for the others."""

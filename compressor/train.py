@@ -189,7 +189,7 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
                               seed=seed, batch_size=batch_size, world=world, lr=lr, momentum=momentum,
                               weight_decay=weight_decay, label_smoothing=label_smoothing,
                               distill_weight=distill_weight, records_k=records_k,
-                              window=None if window is None else window.low,
+                              window=None if window is None else (window.label or window.low),
                               teacher=weights_hash(teacher) if teacher is not None else None, **(identity or {}))
         if restart and os.path.exists(path) and rank == 0:
             os.remove(path)
