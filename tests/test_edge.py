@@ -155,7 +155,8 @@ def test_missing_or_foreign_probe_timings_are_refused(probes, tmp_path):
 
 def test_compress_takes_the_device_timings_and_says_the_result_was_not_measured_here(probes):
     model, space, folder, _ = probes
-    result = cz.compress(model, "latency<=80%@ort-cpu", quadrant_data(64, size=24), supernet_epochs=0.25,
+    # 90 %: the smallest configuration measured 82 % of the original on a loaded machine (80 % was infeasible)
+    result = cz.compress(model, "latency<=90%@ort-cpu", quadrant_data(64, size=24), supernet_epochs=0.25,
                          finetune_epochs=0.1, batch_size=32, effort=0.05, bins=4, divisor=2, progress=False,
                          latency_options=dict(measurements=str(folder / "timings"), **PLAN))
     [attempt] = result.search["latency_attempts"]
