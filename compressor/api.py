@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -32,7 +33,7 @@ from .models import name_architecture, unwrap
 from .run_identity import weights_hash
 from .samplers import TrainingWindow
 from .stopwatch import Stopwatch
-from .search import (constraints, human, importance_baseline, recalibrate_bn, same_draws, score,
+from .search import (constraints, feasible, human, importance_baseline, recalibrate_bn, same_draws, score,
                      uniform_baseline)
 from .slim import channel_importance, freeze_unsliceable, order_channels, save_slim, slim
 from .space import analyze
@@ -270,7 +271,7 @@ def _training_window(bounds, low):
     and every constraint met (None: the whole space)."""
     if low is None:
         return None
-    return TrainingWindow(cost=bounds[0].cost, feasible=lambda cfgs: np.logical_and.reduce([b.ok(cfgs) for b in bounds]),
+    return TrainingWindow(cost=bounds[0].cost, feasible=functools.partial(feasible, bounds),
                           low=low * bounds[0].limit, label=f"{low} x the limit")  # the run records the budget
 
 
@@ -370,7 +371,7 @@ def _inheritance(net, before, found, inherit, calib, scoring, calib_batches, met
         return net, "supernet"
     if inherit == "original":
         return before, "original"
-    kept = found.score_alternate if found.side == "left" and found.score_alternate == found.score_alternate else \
+    kept = found.score_alternate if found.side == "left" and not math.isnan(found.score_alternate) else \
         same_draws(score, before, found.cfg, found.side, scoring, calib, calib_batches=calib_batches,
                    metric=metric, output_fn=output_fn)  # the draws the search scored the candidate with
     trained = found.score_left if found.side == "left" else found.score_right

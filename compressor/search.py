@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from .budget import parse_budget
+from .config import SCORE_METRICS
 from .distributed import rank_and_world
 from .errors import ConfigError, InfeasibleBudgetError
 from .progress import Progress
@@ -77,7 +78,7 @@ def recalibrate_bn(net: Supernet, cfg, side: str, calib_data, batches: int = 20)
     return net
 
 
-METRICS = ("top1", "loss")
+METRICS = SCORE_METRICS  # the one list, in config.py (the CLI reads it without torch)
 
 
 def score(net: Supernet, cfg, side: str, val_data, calib_data, *, calib_batches: int = 20,
@@ -186,7 +187,8 @@ def constraints(space: WidthSpace, budget) -> list[Bound]:
     return bounds
 
 
-def _feasible(bounds, cfgs) -> np.ndarray:
+def feasible(bounds, cfgs) -> np.ndarray:
+    """(B,) bool: which configurations of a (B, G) array meet every bound."""
     ok = np.ones(len(cfgs), dtype=bool)
     for b in bounds:
         ok &= b.ok(cfgs)
@@ -199,7 +201,7 @@ def uniform_baseline(space: WidthSpace, budget) -> tuple:
     bounds = constraints(space, budget)
     # bin 1 clipped is space.min(), which constraints() has shown to be feasible
     cfgs = np.clip(np.arange(space.bins, 0, -1)[:, None], space.min_bins, space.max_bins)
-    return tuple(int(c) for c in cfgs[np.argmax(_feasible(bounds, cfgs))])
+    return tuple(int(c) for c in cfgs[np.argmax(feasible(bounds, cfgs))])
 
 
 def importance_baseline(space: WidthSpace, importance, budget, thresholds: int = 400) -> tuple:
@@ -217,7 +219,7 @@ def importance_baseline(space: WidthSpace, importance, budget, thresholds: int =
     allowed = _allowed_bins(space)
     fits = (space.width_table[None] <= kept[:, :, None]) & allowed[None]
     cfgs = np.where(fits.any(2), space.bins - np.argmax(fits[:, :, ::-1], axis=2), space.min_bins[None])
-    ok = _feasible(bounds, cfgs)
+    ok = feasible(bounds, cfgs)
     if not ok.any():
         return space.min()
     return tuple(int(c) for c in cfgs[np.argmax(ok)])  # thresholds ascend: the first feasible keeps most
@@ -367,7 +369,7 @@ def _feasible_seeds(space, bounds, seeds) -> list:
     """The seeds that meet every constraint, in canonical form, without repeats, in order."""
     canon, rows = canonical_bins(space), np.arange(len(space))
     cfgs = [canon[rows, np.asarray(space.check(cfg))] for cfg in seeds]
-    return list(dict.fromkeys(tuple(int(c) for c in cfg) for cfg in cfgs if _feasible(bounds, cfg[None])[0]))
+    return list(dict.fromkeys(tuple(int(c) for c in cfg) for cfg in cfgs if feasible(bounds, cfg[None])[0]))
 
 
 def _initial_population(space, bounds, prior, size, window, rng, seeds=()) -> list:
@@ -385,7 +387,7 @@ def _initial_population(space, bounds, prior, size, window, rng, seeds=()) -> li
             for _ in range(_DRAW_ROUNDS):
                 cfgs = _sample(source, max(_DRAW_BATCH, 20 * size), rng)
                 cfgs = canon[rows, cfgs]
-                ok = _feasible(bounds, cfgs)
+                ok = feasible(bounds, cfgs)
                 if in_window:
                     cost = primary.cost(cfgs)
                     ok &= (cost >= window[0] * primary.limit) & (cost <= window[1] * primary.limit)
@@ -408,7 +410,7 @@ def _children(count, make, bounds, evaluated, rng) -> list:
     for _ in range(count):
         for _ in range(_CHILD_TRIES):
             cfg = tuple(int(c) for c in make(rng))
-            if cfg not in evaluated and cfg not in children and _feasible(bounds, np.array([cfg]))[0]:
+            if cfg not in evaluated and cfg not in children and feasible(bounds, np.array([cfg]))[0]:
                 children[cfg] = None
                 break
     return list(children)
