@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from .samplers import TrainingWindow
 from .stopwatch import Stopwatch
 from .search import (constraints, feasible, human, importance_baseline, recalibrate_bn, same_draws, score,
                      uniform_baseline)
+from .reconstruct import reconstruct, write_back
 from .slim import channel_importance, freeze_unsliceable, order_channels, save_slim, slim
 from .space import analyze
 from .supernet import supernet
@@ -160,11 +161,13 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, config: Com
                        device=device, out_dir=out_dir, progress=progress, latency_options=latency_options,
                        source=source, restart=restart, output_fn=output_fn)
     ctx = run.context
-    fitted = (ctx.method.fit or _fit_supernet)(ctx)  # a method that is not a supernet replaces the whole step
-    small, found = fitted.model, fitted.found
+    fitted = _fit_method(ctx) if ctx.method.fit else _fit_supernet(ctx)  # a method that is not a supernet
+    small, found = fitted.model, fitted.found                                 # replaces the whole step
     clock.timings.update(fitted.timings)
+    # a method that trains nothing of its own spends the supernet's epochs fine-tuning
+    epochs = cfg.finetune_epochs + (cfg.supernet_epochs if ctx.method.finetunes_supernet_epochs else 0)
     with clock("finetune"):  # the held-out split has done its job (ranking candidates): all the training data
-        finetune(small, run.batches.loader(run.train, shuffle=True, seed=cfg.seed), epochs=cfg.finetune_epochs,
+        finetune(small, run.batches.loader(run.train, shuffle=True, seed=cfg.seed), epochs=epochs,
                  lr=cfg.finetune_lr, teacher=ctx.teacher, seed=cfg.seed, progress=progress, output_fn=output_fn)
     with clock("measure"):
         before, measured = _measure(run, small, fitted.attempts, output_fn)
@@ -252,7 +255,8 @@ def _prepare(model, budget, train_data, val_data, cfg, clock, *, example_input, 
         checkpoint_dir=os.path.join(out_dir, outputs.CHECKPOINTS) if out_dir else None, seed=cfg.seed,
         progress=progress, score_metric=cfg.score_metric, inherit=cfg.inherit, sides=cfg.sides, restart=restart,
         final_batches=cfg.final_batches, output_fn=output_fn, batches=batches, score_original=cfg.score_original,
-        window=_training_window(bounds, cfg.supernet_window),
+        window=_training_window(bounds, cfg.supernet_window, cfg.supernet_sampling), sampling=cfg.supernet_sampling,
+        reconstruct=cfg.reconstruct,
         # the user's weights define the run (the ordered copy follows from them and the data)
         # (train_supernet records the method, its options, the seed, batch size and lr itself)
         identity=dict({k: v for k, v in cfg.identity().items() if k not in _TRAINER_RECORDS},
@@ -266,13 +270,14 @@ def _prepare(model, budget, train_data, val_data, cfg, clock, *, example_input, 
 _TRAINER_RECORDS = ("method", "method_options", "seed", "batch_size", "lr")
 
 
-def _training_window(bounds, low):
+def _training_window(bounds, low, sampling):
     """The configurations supernet training draws: first constraint's cost in [low x limit, limit]
-    and every constraint met (None: the whole space)."""
-    if low is None:
+    and every constraint met (None: the whole space; anchored sampling keeps the constraints)."""
+    if low is None and sampling != "anchored":
         return None
     return TrainingWindow(cost=bounds[0].cost, feasible=functools.partial(feasible, bounds),
-                          low=low * bounds[0].limit, label=f"{low} x the limit")  # the run records the budget
+                          low=(low or 0) * bounds[0].limit,
+                          label=f"{low or 0} x the limit")  # the run records the budget
 
 
 def _measure(run, small, attempts, output_fn):
@@ -297,26 +302,85 @@ def _measure(run, small, attempts, output_fn):
     return before, measured
 
 
+def _fit_method(ctx: FitContext) -> Fitted:
+    """The fit step of a method that replaces it; with a latency budget, again with a tightened
+    limit while the delivered model misses it (as _search_and_slim does for supernet methods)."""
+    search_budget, attempts, timings = ctx.budget, [], {}
+    while True:
+        fitted = ctx.method.fit(replace(ctx, budget=search_budget))
+        for k, v in fitted.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+        if ctx.latency is not None:
+            search_budget = _delivery_check(fitted.model, ctx.space, fitted.found, ctx.latency,
+                                            ctx.limits["latency"], search_budget, attempts)
+        if ctx.latency is None or search_budget is None:
+            return replace(fitted, attempts=attempts or fitted.attempts, timings=timings)
+
+
 def _fit_supernet(ctx: FitContext) -> Fitted:
     """The fit step of a supernet method: train the supernet, search it (again, with a tightened
     limit, while the delivered model misses a latency budget) and slim the chosen configuration."""
     clock, space = Stopwatch(), ctx.space
-    # training changes ctx.model: a supernet over a copy keeps the weights before it
-    before = supernet(copy.deepcopy(ctx.model), space, impl=ctx.conv_impl) if ctx.inherit != "supernet" else None
+    reference = copy.deepcopy(ctx.model) if ctx.reconstruct != "none" else None  # the full model, untrained
     net = supernet(ctx.model, space, impl=ctx.conv_impl)
     batched = (lambda data: ctx.batches.loader(data)) if ctx.batches else (lambda data: loader(data, ctx.batch_size))
+    window = ctx.window
+    if ctx.sampling == "anchored" and window is not None and ctx.seeds:
+        with clock("anchor"):
+            anchor, anchor_score = _best_seed(ctx, net, batched)
+            window = replace(window, anchors=(anchor,))
+        if ctx.reconstruct == "anchor":
+            with clock("reconstruct"):  # ctx.model holds net's parameters: the supernet starts there
+                _reconstruct_anchor(ctx, net, reference, anchor, anchor_score, batched)
+    # training changes ctx.model: a supernet over a copy keeps the weights before it
+    before = supernet(copy.deepcopy(ctx.model), space, impl=ctx.conv_impl) if ctx.inherit != "supernet" else None
     with clock("supernet"):
         trained = train_supernet(net, batched(ctx.train_data), method=ctx.method, method_options=ctx.options,
                                  epochs=ctx.epochs, batch_size=ctx.batch_size, lr=ctx.lr, teacher=ctx.teacher,
                                  seed=ctx.seed, progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir,
                                  restart=ctx.restart, identity=ctx.identity, output_fn=ctx.output_fn,
-                                 window=ctx.window)
+                                 window=window, sides=ctx.sides)
     with clock("search"):
-        small, found, attempts = _search_and_slim(ctx, net, before, trained.records, batched)
+        small, found, attempts = _search_and_slim(ctx, net, before, trained.records, batched,
+                                                  window.anchors if window is not None else ())
+    if ctx.reconstruct == "final":
+        with clock("reconstruct"):  # the delivered configuration, from the weights before training
+            small = slim(reference, space, found.cfg, found.side)
+            reconstruct(small, reference, space, found.cfg, found.side, batched(ctx.train_data))
+            found.inherited = "reconstructed"
     return Fitted(small, found, attempts, clock.timings)
 
 
-def _search_and_slim(ctx, net, before, records, batched):
+def _best_seed(ctx, net, batched):
+    """The seed configuration whose left path scores best on the held-out split with the weights
+    before training (BN recalibrated): the anchor supernet training moves around."""
+    calib, scoring = batched(ctx.train_data), batched(ctx.held_out)
+    scores = [same_draws(score, net, cfg, "left", scoring, calib, calib_batches=ctx.calib_batches,
+                         metric=ctx.score_metric, output_fn=ctx.output_fn) for cfg in ctx.seeds]
+    best = max(range(len(scores)), key=scores.__getitem__)  # ties: the first seed
+    log.info("training anchor %s (seed scores before training: %s)", list(ctx.seeds[best]),
+             ", ".join(f"{s:.4f}" for s in scores))
+    return tuple(ctx.seeds[best]), scores[best]
+
+
+def _reconstruct_anchor(ctx, net, reference, anchor, score_before, batched):
+    """Refit the anchor's layers by least squares toward the untrained full model and write them
+    into the supernet's weights, kept only when the anchor's held-out score does not drop (a
+    network whose pruned features no longer resemble the full one's can fit noise)."""
+    calib, scoring = batched(ctx.train_data), batched(ctx.held_out)
+    saved = copy.deepcopy(ctx.model.state_dict())
+    small = slim(ctx.model, ctx.space, anchor, "left")
+    write_back(ctx.model, small, ctx.space, anchor, "left",
+               reconstruct(small, reference, ctx.space, anchor, "left", calib))
+    after = same_draws(score, net, anchor, "left", scoring, calib, calib_batches=ctx.calib_batches,
+                       metric=ctx.score_metric, output_fn=ctx.output_fn)
+    log.info("reconstructed the anchor: held-out score %.4f -> %.4f%s", score_before, after,
+             "" if after >= score_before else " (worse: the weights before it are kept)")
+    if after < score_before:
+        ctx.model.load_state_dict(saved)
+
+
+def _search_and_slim(ctx, net, before, records, batched, anchors=()):
     """Search the trained supernet and slim the chosen configuration; with a latency budget, again
     with a tightened limit while the delivered model misses it."""
     space = ctx.space
@@ -328,7 +392,7 @@ def _search_and_slim(ctx, net, before, records, batched):
                                     sides=ctx.sides or ctx.method.sides, progress=ctx.progress,
                                     metric=ctx.score_metric, seeds=ctx.seeds, output_fn=ctx.output_fn,
                                     final_data=_second_look(calib, ctx.calib_batches, ctx.final_batches),
-                                    alternate=before if ctx.score_original else None)
+                                    alternate=before if ctx.score_original else None, anchors=anchors)
         source, found.inherited = _inheritance(net, before, found, ctx.inherit, calib, scoring,
                                                ctx.calib_batches, ctx.score_metric, ctx.output_fn)
         # the slim model inherits BN statistics calibrated for its configuration

@@ -202,7 +202,7 @@ def build_parser():
     p.add_argument("--data", required=True, help="an ImageFolder directory, or one with train/ and val/ (or test/)")
     p.add_argument("--budget", required=True, help="e.g. 'flops<=50%%' or 'flops<=50%%,params<=2.5M'")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--method", choices=_MethodNames(), default="bcnet", metavar="METHOD",
+    p.add_argument("--method", choices=_MethodNames(), default=CompressConfig.method, metavar="METHOD",
                    help="a registered method: %(choices)s (default: %(default)s)")
     p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
                    help="an option of the method, e.g. complementary=false (bcnet) or n_random=3 (ua); repeatable")

@@ -12,9 +12,17 @@ from .formats import export_format
 # channel_order: (importance criterion, the layout order_channels gives each group); "none" keeps
 # the model's order
 CHANNEL_ORDERS = {"l1": ("l1", "left"), "l1-both-ends": ("l1", "both-ends"), "none": None,
+                  "l2": ("l2", "left"), "l2-both-ends": ("l2", "both-ends"),
                   "taylor": ("taylor", "left"), "taylor-both-ends": ("taylor", "both-ends")}
 INHERIT = ("supernet", "original", "best")  # where the slim model's weights come from
 SCORE_METRICS = ("top1", "loss")
+# what supernet training draws: "anchored", local moves around the best-scoring seed configuration
+# (within the window); "window", uniform draws within the window (the whole space without one)
+SUPERNET_SAMPLING = ("anchored", "window")
+# least-squares reconstruction (compressor.reconstruct) of "anchor", the configuration supernet
+# training starts around, before training; of "final", the delivered one, from the weights before
+# training; or "none"
+RECONSTRUCT = ("anchor", "final", "none")
 CONV_IMPLS = ("auto", "sliced", "reference", "cuda")  # kernels.IMPLS, which imports torch (tests keep them equal)
 
 
@@ -33,13 +41,13 @@ def _number(name, value, low, *, strict=True, integer=False):
 @dataclass(frozen=True)
 class CompressConfig:
     """compress()'s options (README "Options"); every field has the default that was measured."""
-    method: str = "bcnet"               # a registered method (compressor.methods.METHODS)
+    method: str = "recon"               # a registered method (compressor.methods.METHODS)
     method_options: dict | None = None  # that method's options, e.g. {"complementary": False}
     supernet_epochs: float = 1.0
     finetune_epochs: float = 1.0
     batch_size: int = 64
     lr: float = 0.01                    # supernet training
-    finetune_lr: float = 0.01
+    finetune_lr: float = 0.003          # after a least-squares reconstruction, 0.01 undoes part of it
     distill: bool = True                # the original teaches the subnets and the fine-tuned model
     effort: float = 0.25                # scales the evolutionary search (1.0 = the paper's 50 x 40)
     search_fraction: float = 0.1        # of train_data, held out to rank candidates
@@ -50,13 +58,15 @@ class CompressConfig:
     seed: int = 0
     export: tuple = ()                  # of formats.EXPORT_FORMATS
     conv_impl: str = "auto"
-    channel_order: str = "taylor"       # of CHANNEL_ORDERS
+    channel_order: str = "l2"           # of CHANNEL_ORDERS
     score_metric: str = "top1"          # of SCORE_METRICS
     seed_population: bool = True        # the uniform and global-importance configurations start the search
     inherit: str = "best"               # of INHERIT
     sides: tuple | None = None          # the sides the search scores (None: the method's)
     final_batches: int = 0              # the finalists' second look (0: none)
     supernet_window: float | None = 0.8  # train subnets costing [window x limit, limit] (None: all)
+    supernet_sampling: str = "anchored"  # of SUPERNET_SAMPLING
+    reconstruct: str = "none"           # of RECONSTRUCT (supernet methods; recon always reconstructs)
     score_original: bool = False        # the search scores the weights before supernet training too
 
     def __post_init__(self):
@@ -72,6 +82,8 @@ class CompressConfig:
         _choice("inherit", self.inherit, INHERIT)
         _choice("channel_order", self.channel_order, tuple(CHANNEL_ORDERS))
         _choice("score_metric", self.score_metric, SCORE_METRICS)
+        _choice("supernet_sampling", self.supernet_sampling, SUPERNET_SAMPLING)
+        _choice("reconstruct", self.reconstruct, RECONSTRUCT)
         _choice("conv_impl", self.conv_impl, CONV_IMPLS)
         for name in ("supernet_epochs", "finetune_epochs"):
             _number(name, getattr(self, name), 0, strict=False)
@@ -83,6 +95,9 @@ class CompressConfig:
                 self.supernet_window, (int, float)) or not 0 < self.supernet_window <= 1):
             raise ConfigError(f"supernet_window must be a fraction of the budget in (0, 1] or None, "
                               f"got {self.supernet_window!r}")
+        if self.supernet_sampling == "anchored" and not self.seed_population:
+            raise ConfigError('supernet_sampling="anchored" trains around the seed configurations, but '
+                              'seed_population=False computes none: use supernet_sampling="window" or seed_population=True')
         if self.score_original and self.inherit == "supernet":
             raise ConfigError('score_original=True ranks candidates by the original weights too, but '
                               'inherit="supernet" never slims from them: use inherit="best" (the default) or "original"')

@@ -50,15 +50,17 @@ def _remove(module, role, drop):
     kind.select(module, role, torch.from_numpy(np.setdiff1d(np.arange(kind.size(module, role)), drop)))
 
 
-IMPORTANCE = ("l1", "taylor")
+IMPORTANCE = ("l1", "l2", "taylor")
 
 
 def channel_importance(model: nn.Module, space: WidthSpace, criterion: str = "l1", data=None,
                        batches: int = 8, output_fn=None) -> list:
     """Per group, a (size,) array: each channel's weight importance summed over the group's layers
-    (conv and linear rows or columns, depthwise filters, BN scales), each layer's values divided
-    by their mean first so that no layer dominates by its scale alone. criterion "l1": |w|;
-    "taylor": |w * dL/dw|, the first-order estimate of the loss change when the weight is removed
+    (conv and linear rows or columns, depthwise filters, BN scales). criterion "l1": |w|, each
+    layer's values divided by their mean first so that no layer dominates by its scale alone;
+    "l2": w^2 summed over the whole group as it is (Torch-Pruning's group L2 magnitude: layers
+    with larger weights count more); "taylor": |w * dL/dw|, per layer normalised like "l1", the
+    first-order estimate of the loss change when the weight is removed
     (Molchanov et al. 2019), with the cross-entropy gradient accumulated over `batches` batches of
     `data` (an iterable of (x, y)) on a copy of the model in train mode (`output_fn` picks the
     logits from an output that is not a tensor)."""
@@ -77,10 +79,13 @@ def channel_importance(model: nn.Module, space: WidthSpace, criterion: str = "l1
             w = weight.detach().abs().float()
             if criterion == "taylor":
                 w = w * weight.grad.detach().abs().float()
+            elif criterion == "l2":
+                w = w ** 2
             dim = kind_of(module).weight_dim(role)
             others = tuple(d for d in range(w.dim()) if d != dim)
             per_index = (w.sum(others) if others else w).cpu().numpy()  # sum over () would sum everything
-            per_index = per_index / max(per_index.mean(), 1e-12)
+            if criterion != "l2":
+                per_index = per_index / max(per_index.mean(), 1e-12)
             score += per_index[table].sum(1)
         scores.append(score)
     return scores

@@ -84,6 +84,9 @@ class WidthSpace:
                     for c in range(1, bins + 1)] for g in groups],
             dtype=np.int64).reshape(len(groups), bins + 1)
         self._rows = np.arange(len(groups))
+        # per group, the lowest allowed bin of each distinct width, ascending (WidthSpace.step)
+        self._levels = [np.unique(self.width_table[g, lo:hi + 1], return_index=True)[1] + lo
+                        for g, (lo, hi) in enumerate(zip(self.min_bins, self.max_bins))]
         # runtime name -> latency model (compressor.latency.build_latency_model sets them): the
         # space's third cost, held here so that the space never imports the latency package
         self.latency_models = {}
@@ -157,6 +160,20 @@ class WidthSpace:
         numpy Generator."""
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         return tuple(int(c) for c in rng.integers(self.min_bins, self.max_bins + 1))
+
+    def step(self, cfgs, moves) -> np.ndarray:
+        """Configurations (B, G) with group g moved `moves[:, g]` distinct widths wider (negative:
+        narrower), clipped to its allowed bins. Bins that keep the same channels are one width, so
+        a move of 1 always changes the network (unless the group is at its bound); the result holds
+        the lowest bin of each width."""
+        cfgs = np.atleast_2d(np.asarray(cfgs, dtype=np.int64))
+        moves = np.broadcast_to(np.asarray(moves, dtype=np.int64), cfgs.shape)
+        out = np.empty_like(cfgs)
+        for g, levels in enumerate(self._levels):
+            widths = self.width_table[g, levels]
+            at = np.searchsorted(widths, self.width_table[g, cfgs[:, g]])
+            out[:, g] = levels[np.clip(at + moves[:, g], 0, len(levels) - 1)]
+        return out
 
     def channels(self, cfg) -> list:
         """Kept channels per group."""

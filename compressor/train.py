@@ -133,7 +133,7 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
                    batch_size=None, lr=0.01, momentum=0.9, weight_decay=4e-5, label_smoothing=0.1,
                    teacher: nn.Module = None, distill_weight=0.5, checkpoint_dir=None, checkpoint_every=200,
                    seed=0, records_k=100, device=None, progress=True, identity=None, restart=False,
-                   output_fn=None, window=None) -> TrainResult:
+                   output_fn=None, window=None, sides=None) -> TrainResult:
     """Train `net` (a cz.supernet) on `train_data` (a Dataset or DataLoader of (image, label)).
 
     `method`: a registered method's name (compressor.methods): "bcnet", left and right subnets of
@@ -149,7 +149,8 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
     `restart=True`, which discards it and starts over.
     `output_fn` picks the logits from a model output that is not a tensor (e.g. GoogLeNet's in
     train mode). Every batch's labels are checked against the model's classes. `window`: a
-    samplers.TrainingWindow, the configurations the random draws come from (None: any).
+    samplers.TrainingWindow, the configurations the random draws come from (None: any), and the
+    anchors its draws move around. `sides`: the sides each step trains (None: the method's).
     """
     if not isinstance(net, Supernet):
         raise ConfigError(f"net must be a cz.supernet(...), got {type(net).__name__}")
@@ -158,7 +159,7 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
         raise ConfigError(f"method {spec.name!r} does not train a supernet: use compress(method={spec.name!r})")
     options = spec.parse_options(method_options)
     method = spec.name
-    sampler = spec.sampler(net.space, seed, options, window)
+    sampler = spec.sampler(net.space, seed, options, window, sides)
     dataset, batch_size, workers, collate = _as_dataset(train_data, batch_size)
     rank, world = rank_and_world()
     per_epoch = len(dataset) // world // batch_size
@@ -190,6 +191,8 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
                               weight_decay=weight_decay, label_smoothing=label_smoothing,
                               distill_weight=distill_weight, records_k=records_k,
                               window=None if window is None else (window.label or window.low),
+                              anchors=None if window is None else [list(a) for a in window.anchors],
+                              sides=None if sides is None else list(sides),
                               teacher=weights_hash(teacher) if teacher is not None else None, **(identity or {}))
         if restart and os.path.exists(path) and rank == 0:
             os.remove(path)

@@ -381,7 +381,7 @@ def test_importance_baseline_keeps_the_channels_above_one_threshold(trained, bud
     _, space, _, _ = trained
     rng = np.random.default_rng(0)
     importance = [rng.random(n) for n in space.sizes]
-    cfg = importance_baseline(space, importance, budget)
+    cfg = importance_baseline(space, importance, budget, fill=False)
     bounds = constraints(space, budget)
     assert all(getattr(space, b.metric)(cfg) <= b.limit for b in bounds)
     if budget == "flops<=100%":
@@ -396,6 +396,23 @@ def test_importance_baseline_keeps_the_channels_above_one_threshold(trained, bud
         assert k <= above
         wider = [int(w) for w in space.width_table[g, 1:] if k < w <= above]
         assert not wider  # a wider allowed bin would still keep only channels above the threshold
+
+
+@pytest.mark.parametrize("budget", ["flops<=50%", "params<=30%", "flops<=40%,params<=60%"])
+def test_the_filled_importance_baseline_uses_the_budget_the_threshold_leaves(trained, budget):
+    from compressor.search import feasible, importance_baseline
+    _, space, _, _ = trained
+    rng = np.random.default_rng(1)
+    importance = [rng.random(n) for n in space.sizes]
+    threshold = np.array(importance_baseline(space, importance, budget, fill=False))
+    filled = np.array(importance_baseline(space, importance, budget))
+    bounds = constraints(space, budget)
+    assert feasible(bounds, filled[None])[0]
+    rows = np.arange(len(space))
+    assert (space.width_table[rows, filled] >= space.width_table[rows, threshold]).all()
+    # no group can take its next width without breaking a constraint
+    wider = space.step(np.repeat(filled[None], len(space), 0), np.eye(len(space), dtype=np.int64))
+    assert not ((wider != filled).any(1) & feasible(bounds, wider)).any()
 
 
 def test_a_second_look_chooses_among_the_top_and_the_seeds_on_other_batches(trained, net):

@@ -449,5 +449,5 @@ def test_taylor_importance_is_the_first_order_loss_change_per_channel():
     assert not np.allclose(got, channel_importance(model, space)[0])  # not the magnitude criterion
     with pytest.raises(cz.ConfigError, match="needs data"):
         channel_importance(model, space, "taylor")
-    with pytest.raises(cz.ConfigError, match="'l1' or 'taylor'"):
+    with pytest.raises(cz.ConfigError, match="'l1' or 'l2' or 'taylor'"):
         channel_importance(model, space, "hessian")

@@ -36,8 +36,9 @@ def record_all(cfg, space):
 @dataclass(frozen=True)
 class Method:
     name: str
-    # sampler(space, seed, options, window=None) -> .next(), .state_dict(), ...; window: a
-    # samplers.TrainingWindow its random configurations must come from (None: the whole space)
+    # sampler(space, seed, options, window=None, sides=None) -> .next(), .state_dict(), ...; window:
+    # a samplers.TrainingWindow its random configurations must come from (None: the whole space);
+    # sides: the sides a step trains (None: the method's own choice)
     sampler: Callable[..., Any]
     options: type = NoOptions            # a frozen dataclass of the method's knobs, with defaults
     # loss(i, out, base, state): the loss of the i-th subnet of a step from its logits `out`; `base()`
@@ -48,6 +49,8 @@ class Method:
     searcher: Callable[..., Any] = search
     # fit(FitContext) -> Fitted: replaces supernet training and search (None: a supernet method)
     fit: Callable[..., Any] | None = None
+    # a fit that trains nothing: compress() fine-tunes for supernet_epochs + finetune_epochs instead
+    finetunes_supernet_epochs: bool = False
     summary: str = ""
 
     def parse_options(self, options=None):
@@ -103,6 +106,8 @@ class FitContext:
     seeds: list = dataclasses.field(default_factory=list)  # configurations in the initial population
     score_original: bool = False  # the search scores the weights before supernet training too
     window: Any = None          # samplers.TrainingWindow: the configurations training draws (None: all)
+    sampling: str = "window"    # "anchored": training draws local moves around the best-scoring seed
+    reconstruct: str = "none"   # "anchor" / "final": least-squares reconstruction of that configuration
     final_batches: int = 0      # batches past the calibration ones for the search's second look (0: none)
     restart: bool = False       # discard a checkpoint of another run instead of refusing it
     identity: dict = dataclasses.field(default_factory=dict)  # what else defines the run (for resume)

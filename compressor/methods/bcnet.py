@@ -18,7 +18,7 @@ class BCNetOptions:
 
 BCNET = register(Method(
     name="bcnet", options=BCNetOptions,
-    sampler=lambda space, seed, options, window=None: BCNetSampler(space, seed, complementary=options.complementary,
-                                                                   window=window),
+    sampler=lambda space, seed, options, window=None, sides=None: BCNetSampler(
+        space, seed, complementary=options.complementary, window=window, sides=sides or ("left", "right")),
     sides=("left", "right"),
     summary="bilaterally coupled supernet, complementary pairs, prior-seeded evolution"))

@@ -27,8 +27,8 @@ def sandwich_loss(i, out, base, state):
 
 UA = register(Method(
     name="ua", options=UAOptions,
-    sampler=lambda space, seed, options, window=None: SandwichSampler(space, seed, n_random=options.n_random,
-                                                                      window=window),
+    sampler=lambda space, seed, options, window=None, sides=None: SandwichSampler(
+        space, seed, n_random=options.n_random, window=window),  # left only, whatever `sides`
     loss=sandwich_loss,
     record=lambda cfg, space: cfg != space.max(),
     sides=("left",),  # right paths are never trained
