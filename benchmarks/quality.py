@@ -9,7 +9,7 @@ distillation from the original model exactly when compress() distils) on the sam
   tp-group-l2   Torch-Pruning, global pruning with group L2 importance, bisected likewise
   tp-taylor     Torch-Pruning, global pruning with group Taylor importance (gradients of 8 batches)
   uniform       the same bin in every group (the model's first k channels), the widest that fits
-  METHOD        cz.compress(method=METHOD) with its defaults, for every registered method (bcnet, ua)
+  METHOD        cz.compress(method=METHOD) with its defaults, for every registered method (bcnet, ua, dagger)
   NAME          cz.compress with --variant NAME='{"option": value, ...}' (ablations)
 "TP best" in the table is the better of tp-group-l2 and tp-taylor (by mean accuracy).
 
@@ -50,6 +50,8 @@ SETTINGS = {  # train/test images (None: all), epochs, compress's search effort 
 }
 BASELINES = ("original", "tp-l1", "tp-group-l2", "tp-taylor", "uniform")
 MODES = ("same-ft", "same-total")
+# compress() timings outside the fit step and fine-tuning (analyze and importance are inside prepare)
+OTHER_STAGES = ("prepare_s", "analyze_s", "importance_s", "latency_model_s", "measure_s", "outputs_s", "total_s")
 
 
 def bisect_prune(model, x, flops_limit, make_pruner):
@@ -249,9 +251,11 @@ def main():
                                           finetune_epochs=setting["finetune_epochs"], effort=setting["effort"],
                                           calib_batches=setting["calib_batches"], batch_size=setting["batch_size"],
                                           device=device, seed=seed, progress=False, **options)
+                        # the method's fit stages (bcnet: supernet, search; dagger: gates, prune) and
+                        # fine-tuning, named; preparing, measuring and the rest as "other"
                         t = result.timings
-                        stages = {"supernet": t["supernet_s"], "search": t["search_s"], "finetune": t["finetune_s"],
-                                  "other": t["total_s"] - t["supernet_s"] - t["search_s"] - t["finetune_s"]}
+                        stages = {k[:-2]: v for k, v in t.items() if k not in OTHER_STAGES}
+                        stages["other"] = t["total_s"] - sum(stages.values())
                         record(budget, row, mode, result.model, time.time() - t0, stages=stages,
                                widths=result.widths, side=result.side, supernet_score=result.supernet_score,
                                inherited=result.search.get("inherited"))
