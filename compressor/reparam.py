@@ -481,7 +481,11 @@ def finetune_repnas(model: nn.Module, train_data, example_input, options=None, *
     the kinds offered, their architecture weights at the selection and the kinds kept; the convs without branches
     and why."""
     options = RepnasOptions.parse(options)
-    report = add_branches(model, example_input, options.kinds)
+    # the branches' initial weights come from their own draws (choice): fine-tuning then sees the
+    # random numbers (augmentations, dropout) a run without branches sees, and the two compare paired
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(finetune_options.get("seed", 0))
+        report = add_branches(model, example_input, options.kinds)
     layers = report["layers"]
     budget = 2 * len(layers) if options.branches is None else options.branches
     chosen = {}  # "scores" and "step" of the selection

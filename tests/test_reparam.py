@@ -198,6 +198,16 @@ def test_the_search_keeps_the_budgets_strongest_branches(pretrained, budget):
     assert not blocks(model) and repr(model) == repr(pretrained)
 
 
+def test_branches_draw_their_own_random_numbers_and_no_step_still_fuses(pretrained):
+    """Fine-tuning with branches sees the augmentations a run without them sees (paired rows)."""
+    model, x = copy.deepcopy(pretrained), torch.randn(1, 3, 16, 16)
+    state = torch.get_rng_state()
+    report = finetune_repnas(model, quadrant_data(64), x, {"branches": 2}, epochs=0, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert report["steps"] == report["selected_at_step"] == 0 and report["kept"] == 2
+    assert not blocks(model) and repr(model) == repr(pretrained)
+
+
 def test_compress_with_repnas_end_to_end(pretrained, tmp_path):
     before = snapshot(pretrained)
     x = torch.randn(1, 3, 16, 16)
