@@ -373,8 +373,9 @@ def _why_not_pair(conv, graph, names, calls):
     users = node.outputs if node is not None else []
     bn = users[0].module if len(users) == 1 else None
     if type(bn) is not nn.BatchNorm2d:
-        found = ", ".join(type(u.module).__name__ if isinstance(u.module, nn.Module) else str(u.type) for u in users)
-        return None, f"its output goes to {found or 'nothing traced'}, not to one nn.BatchNorm2d alone"
+        found = ", ".join(f"'{names[u.module]}' ({type(u.module).__name__})" if u.module in names
+                          else f"the op {type(u.grad_fn).__name__}" for u in users)
+        return None, f"its output goes to {found or 'no traced op'}, not to one nn.BatchNorm2d alone"
     if len(graph.module2node[bn].inputs) != 1 or calls.get(bn, 0) != 1:
         return None, f"its BN '{names[bn]}' also reads other inputs or runs more than once"
     if not (bn.affine and bn.track_running_stats):

@@ -124,6 +124,8 @@ def test_only_conv_bn_pairs_get_branches_and_the_others_say_why(mixed):
     assert report["layers"]["dilated.0"] == {"bn": "dilated.1", "offered": ["1x1", "1x1-kxk", "identity", "kxk"]}
     assert set(report["skipped"]) == {"no_bn", "shared"}
     assert "not to one nn.BatchNorm2d alone" in report["skipped"]["shared"]
+    assert "the op AddBackward0" in report["skipped"]["shared"] and "'shared_bn'" in report["skipped"]["shared"]
+    assert "the op ReluBackward0" in report["skipped"]["no_bn"]
     assert isinstance(branched.dilated[1], nn.Identity)
 
 
