@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batches import logits
 from .errors import ConfigError, UnsupportedModelError
 from .finetune import finetune
 from .groups import build_graph
@@ -401,13 +402,14 @@ def conv_bn_pairs(model: nn.Module, example_input: torch.Tensor):
     return pairs, skipped
 
 
-def add_branches(model: nn.Module, example_input: torch.Tensor, kinds=BRANCH_KINDS) -> dict:
+def add_branches(model: nn.Module, example_input: torch.Tensor, kinds=BRANCH_KINDS, output_fn=None) -> dict:
     """Turn every eligible conv-BN pair of `model` (in place) into a RepBlock with the branch kinds
     of `kinds` that fuse exactly for it. Returns the report: {"layers": {conv: {"bn", "offered"}},
-    "skipped": {conv: reason}}. The branches' weights start at 0: the model computes what it did."""
+    "skipped": {conv: reason}}. The branches' weights start at 0: the model computes what it did.
+    `output_fn` picks the logits from an output that is not a tensor."""
     training = model.training
     with torch.no_grad():
-        before = model.eval()(example_input)
+        before = logits(model.eval()(example_input), output_fn)
     pairs, skipped = conv_bn_pairs(model, example_input)
     layers = {}
     for conv_name, bn_name in pairs:
@@ -422,7 +424,7 @@ def add_branches(model: nn.Module, example_input: torch.Tensor, kinds=BRANCH_KIN
         layers[conv_name] = {"bn": bn_name, "offered": offered}
     try:
         with torch.no_grad():
-            after = model.eval()(example_input)
+            after = logits(model.eval()(example_input), output_fn)
         diff = max_rel_diff(before, after)
     except Exception as e:  # the model's own forward can raise anything
         diff, error = float("inf"), e
@@ -469,24 +471,19 @@ def fuse(model: nn.Module) -> nn.Module:
     return model
 
 
-def fused_copy(model: nn.Module) -> nn.Module:
-    """`model` itself when it holds no RepBlock, else a fused copy (the caller's model is not touched)."""
-    return fuse(copy.deepcopy(model)) if blocks(model) else model
-
-
 def finetune_repnas(model: nn.Module, train_data, example_input, options=None, **finetune_options) -> dict:
-    """Fine-tune `model` (in place) with RepNAS branches: add them, train them and their architecture
-    weights for the first `search_part` of the steps, keep the budget's best branches, train on, fuse. The model
-    that comes back has its own architecture and cost. `finetune_options` go to cz.finetune.
-    Returns the report: budget, candidates, kept, the step of the selection, and per conv the BN,
-    the kinds offered, their architecture weights at the selection and the kinds kept; the convs without branches
-    and why."""
+    """Fine-tune `model` (in place) with RepNAS branches: add them, train them and their
+    architecture weights for the first `search_part` of the steps, keep the budget's best branches,
+    train on, fuse. The model that comes back has its own architecture and cost. `finetune_options`
+    go to cz.finetune. Returns the report: budget, candidates, kept, the step of the selection, and
+    per conv the BN, the kinds offered, their architecture weights at the selection and the kinds
+    kept; the convs without branches and why."""
     options = RepnasOptions.parse(options)
     # the branches' initial weights come from their own draws (choice): fine-tuning then sees the
     # random numbers (augmentations, dropout) a run without branches sees, and the two compare paired
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(finetune_options.get("seed", 0))
-        report = add_branches(model, example_input, options.kinds)
+        report = add_branches(model, example_input, options.kinds, finetune_options.get("output_fn"))
     layers = report["layers"]
     budget = 2 * len(layers) if options.branches is None else options.branches
     chosen = {}  # "scores" and "step" of the selection
@@ -502,10 +499,11 @@ def finetune_repnas(model: nn.Module, train_data, example_input, options=None, *
         layers[name].update(weights=chosen["scores"][name], kept=list(block.branches))
     training = model.training
     model.eval()
+    pick = finetune_options.get("output_fn")
     with torch.no_grad():
-        branched = model(example_input)
+        branched = logits(model(example_input), pick)
         fuse(model)
-        diff = max_rel_diff(branched, model(example_input))
+        diff = max_rel_diff(branched, logits(model(example_input), pick))
     model.train(training)
     if not diff <= FUSION_TOLERANCE:
         raise RuntimeError(f"the fused model differs from the branched one by {diff:.3g} (relative): a fusion bug")
