@@ -10,7 +10,8 @@ distillation from the original model exactly when compress() distils) on the sam
   tp-taylor     Torch-Pruning, global pruning with group Taylor importance (gradients of 8 batches)
   uniform       the same bin in every group (the model's first k channels), the widest that fits
   METHOD        cz.compress(method=METHOD) with its defaults, for every registered method (bcnet, ua, dagger)
-  NAME          cz.compress with --variant NAME='{"option": value, ...}' (ablations)
+  NAME          cz.compress with --variant NAME='{"option": value, ...}' (ablations), e.g.
+                'bcnet-repnas={"reparam": "repnas"}': fine-tuning with RepNAS branches, fused
 "TP best" in the table is the better of tp-group-l2 and tp-taylor (by mean accuracy).
 
 Modes (how the baselines' fine-tuning compares with compress's training):
@@ -258,7 +259,8 @@ def main():
                         stages["other"] = t["total_s"] - sum(stages.values())
                         record(budget, row, mode, result.model, time.time() - t0, stages=stages,
                                widths=result.widths, side=result.side, supernet_score=result.supernet_score,
-                               inherited=result.search.get("inherited"))
+                               inherited=result.search.get("inherited"),
+                               **({"reparam_kept": result.reparam["kept"]} if result.reparam else {}))
     print(f"\nResNet-56, CIFAR-10 JPEG, '{args.setting}' setting: {setting}, torch threads {torch.get_num_threads()}")
     print(summarise(rows, budgets, modes, names))
     print(f"wrote {path}")

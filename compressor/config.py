@@ -16,6 +16,7 @@ CHANNEL_ORDERS = {"l1": ("l1", "left"), "l1-both-ends": ("l1", "both-ends"), "no
 INHERIT = ("supernet", "original", "best")  # where the slim model's weights come from
 SCORE_METRICS = ("top1", "loss")
 CONV_IMPLS = ("auto", "sliced", "reference", "cuda")  # kernels.IMPLS, which imports torch (tests keep them equal)
+REPARAMS = (None, "repnas")  # re-parameterisable branches during fine-tuning (compressor/reparam.py)
 
 
 def _choice(name, value, choices):
@@ -58,6 +59,8 @@ class CompressConfig:
     final_batches: int = 0              # the finalists' second look (0: none)
     supernet_window: float | None = 0.8  # train subnets costing [window x limit, limit] (None: all)
     score_original: bool = False        # the search scores the weights before supernet training too
+    reparam: str | None = None          # of REPARAMS: "repnas" fine-tunes with searched branches, then fuses
+    reparam_options: dict | None = None  # reparam.RepnasOptions, e.g. {"branches": 20}
 
     def __post_init__(self):
         fix = object.__setattr__  # frozen: normalise the containers once, here
@@ -83,6 +86,13 @@ class CompressConfig:
                 self.supernet_window, (int, float)) or not 0 < self.supernet_window <= 1):
             raise ConfigError(f"supernet_window must be a fraction of the budget in (0, 1] or None, "
                               f"got {self.supernet_window!r}")
+        _choice("reparam", self.reparam, REPARAMS)
+        if self.reparam is None and self.reparam_options:
+            raise ConfigError('reparam_options apply to reparam="repnas" (CLI: --reparam repnas): pass it too, '
+                              'or leave the options out')
+        if self.reparam == "repnas":
+            from .reparam import RepnasOptions  # imports torch: only when asked for
+            RepnasOptions.parse(self.reparam_options)
         if self.score_original and self.inherit == "supernet":
             raise ConfigError('score_original=True ranks candidates by the original weights too, but '
                               'inherit="supernet" never slims from them: use inherit="best" (the default) or "original"')
