@@ -9,8 +9,9 @@ distillation from the original model exactly when compress() distils) on the sam
   tp-group-l2   Torch-Pruning, global pruning with group L2 importance, bisected likewise
   tp-taylor     Torch-Pruning, global pruning with group Taylor importance (gradients of 8 batches)
   uniform       the same bin in every group (the model's first k channels), the widest that fits
-  METHOD        cz.compress(method=METHOD) with its defaults, for every registered method (bcnet, ua)
-  NAME          cz.compress with --variant NAME='{"option": value, ...}' (ablations)
+  METHOD        cz.compress(method=METHOD) with its defaults, for every registered method (bcnet, ua, dagger)
+  NAME          cz.compress with --variant NAME='{"option": value, ...}' (ablations), e.g.
+                'bcnet-repnas={"reparam": "repnas"}': fine-tuning with RepNAS branches, fused
 "TP best" in the table is the better of tp-group-l2 and tp-taylor (by mean accuracy).
 
 Modes (how the baselines' fine-tuning compares with compress's training):
@@ -53,6 +54,8 @@ SETTINGS = {  # train/test images (None: all), epochs, compress's search effort 
 BASELINES = ("original", "tp-l1", "tp-group-l2", "tp-taylor", "uniform")
 OTHER_STAGES = ("prepare_s", "analyze_s", "importance_s", "latency_model_s", "measure_s", "outputs_s", "total_s")
 MODES = ("same-ft", "same-total")
+# compress() timings outside the fit step and fine-tuning (analyze and importance are inside prepare)
+OTHER_STAGES = ("prepare_s", "analyze_s", "importance_s", "latency_model_s", "measure_s", "outputs_s", "total_s")
 
 
 def bisect_prune(model, x, flops_limit, make_pruner):
@@ -259,7 +262,8 @@ def main():
                         stages["other"] = t["total_s"] - sum(stages.values())
                         record(budget, row, mode, result.model, time.time() - t0, stages=stages,
                                widths=result.widths, side=result.side, supernet_score=result.supernet_score,
-                               inherited=result.search.get("inherited"))
+                               inherited=result.search.get("inherited"),
+                               **({"reparam_kept": result.reparam["kept"]} if result.reparam else {}))
     print(f"\nResNet-56, CIFAR-10 JPEG, '{args.setting}' setting: {setting}, torch threads {torch.get_num_threads()}")
     print(summarise(rows, budgets, modes, names))
     print(f"wrote {path}")

@@ -30,6 +30,7 @@ from .latency import build_latency_model, runtime
 from . import outputs
 from .methods import FitContext, Fitted, get_method
 from .models import name_architecture, unwrap
+from .reparam import finetune_repnas
 from .run_identity import weights_hash
 from .samplers import TrainingWindow
 from .stopwatch import Stopwatch
@@ -72,6 +73,7 @@ class CompressionResult:
     timings: dict
     paths: dict = field(default_factory=dict)
     search: dict = field(default_factory=dict, repr=False)
+    reparam: dict | None = field(default=None, repr=False)  # reparam="repnas": the branches each layer got
 
     def meets_budget(self) -> bool:
         return all(self.result[m] <= limit for m, limit in self.limits.items())
@@ -167,15 +169,21 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, config: Com
     # a method that trains nothing of its own spends the supernet's epochs fine-tuning
     epochs = cfg.finetune_epochs + (cfg.supernet_epochs if ctx.method.finetunes_supernet_epochs else 0)
     with clock("finetune"):  # the held-out split has done its job (ranking candidates): all the training data
-        finetune(small, run.batches.loader(run.train, shuffle=True, seed=cfg.seed), epochs=epochs,
-                 lr=cfg.finetune_lr, teacher=ctx.teacher, seed=cfg.seed, progress=progress, output_fn=output_fn)
+        tune = dict(epochs=epochs, lr=cfg.finetune_lr, teacher=ctx.teacher, seed=cfg.seed,
+                    progress=progress, output_fn=output_fn)
+        data = run.batches.loader(run.train, shuffle=True, seed=cfg.seed)
+        if cfg.reparam == "repnas":  # with searched branches, fused again: `small` keeps its architecture
+            branches = finetune_repnas(small, data, run.example, cfg.reparam_options, **tune)
+        else:
+            branches = None
+            finetune(small, data, **tune)
     with clock("measure"):
         before, measured = _measure(run, small, fitted.attempts, output_fn)
     result = CompressionResult(
         model=small, widths=list(found.cfg), side=found.side, channels=ctx.space.channels(found.cfg),
         method=ctx.method.name, budget=str(ctx.budget), limits=ctx.limits, original=before, result=measured,
         supernet_score=found.score, timings={},
-        search=dict(found.to_dict(), latency_attempts=fitted.attempts))
+        search=dict(found.to_dict(), latency_attempts=fitted.attempts), reparam=branches)
     if not result.meets_budget():  # the cost model is exact: this would be a bug, not a near miss
         raise RuntimeError(f"the slim model misses the budget: {measured} vs {ctx.limits}")
     if out_dir:

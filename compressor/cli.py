@@ -8,7 +8,7 @@ import os
 import sys
 
 from .budget import LATENCY_TARGETS
-from .config import CHANNEL_ORDERS, CONV_IMPLS, INHERIT, SCORE_METRICS, CompressConfig
+from .config import CHANNEL_ORDERS, CONV_IMPLS, INHERIT, REPARAMS, SCORE_METRICS, CompressConfig
 from .errors import CompressorError, ConfigError
 from .formats import EXPORT_FORMATS, PRECISIONS, RUNTIMES, export_format
 
@@ -68,14 +68,14 @@ def _split_folder(path):
     return train, val
 
 
-def _method_options(pairs):
+def _method_options(pairs, flag="--method-option"):
     """["n_random=3", "complementary=false"] -> {"n_random": 3, "complementary": False} (values
     read as JSON, else kept as text)."""
     options = {}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--method-option takes KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"{flag} takes KEY=VALUE, got {pair!r}")
         try:
             options[key] = json.loads(value)
         except ValueError:
@@ -86,11 +86,12 @@ def _method_options(pairs):
 def cmd_compress(args):
     from .api import compress
     from .data import image_folder
+    config = compress_config(args)  # a wrong option fails before the model and the data are read
     model, x = _model_and_input(args.model, args.weights, args.image_size)
     train_dir, val_dir = _split_folder(args.data)
     train = image_folder(train_dir, args.image_size)
     val = image_folder(val_dir, args.image_size) if val_dir else None
-    result = compress(model, args.budget, train, val, config=compress_config(args), example_input=x, device=args.device,
+    result = compress(model, args.budget, train, val, config=config, example_input=x, device=args.device,
                       out_dir=args.out, progress=not args.quiet, restart=args.restart,
                       keep_checkpoints=args.keep_checkpoints)
     print(json.dumps({k: getattr(result, k) for k in ("widths", "side", "original", "result", "limits", "paths")},
@@ -101,13 +102,14 @@ def compress_config(args) -> CompressConfig:
     """The CompressConfig of `compressor compress` arguments: the one compress(**options) builds."""
     return CompressConfig.build(**{name: getattr(args, name) for name in _CONFIG_ARGS if getattr(args, name) is not None},
                                 method_options=_method_options(args.method_option) or None,
+                                reparam_options=_method_options(args.reparam_option, "--reparam-option") or None,
                                 export=tuple(e for e in args.export.split(",") if e))
 
 
 # the compress flags that are CompressConfig fields of the same name (None: the config's default)
 _CONFIG_ARGS = ("method", "supernet_epochs", "finetune_epochs", "batch_size", "lr", "finetune_lr", "effort",
                 "channel_order", "divisor", "inherit", "score_metric", "seed_population", "conv_impl", "distill",
-                "seed")
+                "seed", "reparam")
 
 
 def cmd_export(args):
@@ -227,6 +229,11 @@ def build_parser():
                    help="masked convolution in supernet training (auto: the CUDA kernel on a GPU, else sliced)")
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=CompressConfig.distill,
                    help="distil the original model into the subnets and the fine-tuned model (default: on)")
+    p.add_argument("--reparam", choices=[r for r in REPARAMS if r],
+                   help="fine-tune with re-parameterisable branches searched per layer (RepNAS), fused before "
+                   "export (default: off)")
+    p.add_argument("--reparam-option", action="append", metavar="KEY=VALUE",
+                   help="an option of --reparam, e.g. branches=20 or search_part=0.5; repeatable")
     p.add_argument("--export", default="", help=f"comma-separated: {', '.join(EXPORT_FORMATS)}")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)

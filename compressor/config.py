@@ -24,6 +24,7 @@ SUPERNET_SAMPLING = ("anchored", "window")
 # training; or "none"
 RECONSTRUCT = ("anchor", "final", "none")
 CONV_IMPLS = ("auto", "sliced", "reference", "cuda")  # kernels.IMPLS, which imports torch (tests keep them equal)
+REPARAMS = (None, "repnas")  # re-parameterisable branches during fine-tuning (compressor/reparam.py)
 
 
 def _choice(name, value, choices):
@@ -68,6 +69,8 @@ class CompressConfig:
     supernet_sampling: str = "anchored"  # of SUPERNET_SAMPLING
     reconstruct: str = "none"           # of RECONSTRUCT (supernet methods; recon always reconstructs)
     score_original: bool = False        # the search scores the weights before supernet training too
+    reparam: str | None = None          # of REPARAMS: "repnas" fine-tunes with searched branches, then fuses
+    reparam_options: dict | None = None  # reparam.RepnasOptions, e.g. {"branches": 20}
 
     def __post_init__(self):
         fix = object.__setattr__  # frozen: normalise the containers once, here
@@ -95,9 +98,17 @@ class CompressConfig:
                 self.supernet_window, (int, float)) or not 0 < self.supernet_window <= 1):
             raise ConfigError(f"supernet_window must be a fraction of the budget in (0, 1] or None, "
                               f"got {self.supernet_window!r}")
-        if self.supernet_sampling == "anchored" and not self.seed_population:
-            raise ConfigError('supernet_sampling="anchored" trains around the seed configurations, but '
-                              'seed_population=False computes none: use supernet_sampling="window" or seed_population=True')
+        if not self.seed_population and (self.method == "recon" or self.supernet_sampling == "anchored"):
+            raise ConfigError('seed_population=False computes no seed configurations, but method "recon" and '
+                              'supernet_sampling="anchored" (supernet methods) start from them: keep seed_population=True, '
+                              'or use another method with supernet_sampling="window"')
+        _choice("reparam", self.reparam, REPARAMS)
+        if self.reparam is None and self.reparam_options:
+            raise ConfigError('reparam_options apply to reparam="repnas" (CLI: --reparam repnas): pass it too, '
+                              'or leave the options out')
+        if self.reparam == "repnas":
+            from .reparam import RepnasOptions  # imports torch: only when asked for
+            RepnasOptions.parse(self.reparam_options)
         if self.score_original and self.inherit == "supernet":
             raise ConfigError('score_original=True ranks candidates by the original weights too, but '
                               'inherit="supernet" never slims from them: use inherit="best" (the default) or "original"')

@@ -136,3 +136,18 @@ class CostModel:
 
     def params(self, k):
         return self._params(k.astype(np.float64)) + self.params_constant
+
+    def differentiable(self, metric: str, kept: torch.Tensor, var: torch.Tensor | None = None) -> torch.Tensor:
+        """FLOPs ("flops") or parameters ("params") of one sample as a torch function of the kept
+        channels per group `kept` (G,), differentiable, exact for real-valued counts too (DAGGER's sums
+        of gates). With `var` (G,), the variances of independent random counts whose means are `kept`:
+        the exact expectation, since each layer's cost is bilinear in its output and input widths,
+        E[out * in] = E[out] E[in] + sum_g Mo[l, g] Mi[l, g] Var(k_g)."""
+        prefix = {"flops": "flop", "params": "param"}[metric]
+        t = lambda a: torch.as_tensor(a, dtype=kept.dtype, device=kept.device)  # noqa: E731
+        mo, mi = t(getattr(self, prefix + "_out_m")), t(getattr(self, prefix + "_in_m"))  # (G, L)
+        out = t(getattr(self, prefix + "_out")) + kept @ mo
+        inn = t(getattr(self, prefix + "_in")) + kept @ mi
+        product = out * inn if var is None else out * inn + var @ (mo * mi)
+        total = product @ t(getattr(self, prefix + "_coef")) + getattr(self, metric + "_constant")
+        return total + out @ t(self.param_lin) if metric == "params" else total

@@ -56,9 +56,10 @@ def accuracy(model: nn.Module, data, batch_size=256, max_batches=None, output_fn
 
 def finetune(model: nn.Module, train_data, *, epochs=1.0, batch_size=64, lr=0.01, momentum=0.9,
              weight_decay=4e-5, label_smoothing=0.1, teacher: nn.Module = None, distill_weight=0.5,
-             seed=0, progress=True, output_fn=None) -> dict:
+             seed=0, progress=True, output_fn=None, on_step=None) -> dict:
     """Train `model` in place; returns {"steps", "seconds", "final_loss"}. `output_fn` picks the
-    logits from the model's (and the teacher's) output."""
+    logits from the model's (and the teacher's) output. `on_step(step, steps)` runs after each
+    optimiser step (RepNAS ends its branch search there)."""
     data = loader(train_data, batch_size, shuffle=True, seed=seed)
     steps = int(math.ceil(epochs * len(data)))
     if steps <= 0:
@@ -91,6 +92,8 @@ def finetune(model: nn.Module, train_data, *, epochs=1.0, batch_size=64, lr=0.01
             schedule.step()
             loss_value = loss.item()
             step += 1
+            if on_step is not None:
+                on_step(step, steps)
             bar.update(1, loss=f"{loss_value:.3f}")
             if step >= steps:
                 break

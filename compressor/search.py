@@ -216,17 +216,20 @@ def uniform_baseline(space: WidthSpace, budget) -> tuple:
     return tuple(int(c) for c in cfgs[np.argmax(feasible(bounds, cfgs))])
 
 
-def importance_baseline(space: WidthSpace, importance, budget, thresholds: int = 400, fill: bool = True) -> tuple:
+def importance_baseline(space: WidthSpace, importance, budget, thresholds: int = 400, normalise: bool = True,
+                        fill: bool = True) -> tuple:
     """Global magnitude pruning as a configuration: every group keeps its channels whose
     importance (one array per group, e.g. slim.channel_importance, each divided by its group's
-    mean so that groups of many layers do not outweigh the others) reaches one network-wide
-    threshold, rounded down to the group's bins; the lowest threshold that meets every
+    mean so that groups of many layers do not outweigh the others; as it is when `normalise` is
+    False, for scores already comparable across groups such as DAGGER's gates) reaches one
+    network-wide threshold, rounded down to the group's bins; the lowest threshold that meets every
     constraint. With channels in importance order, the left path of this configuration is what
     global pruning would keep. `fill`: then widen it while the budget allows, one width at a
     time, in the group whose next channels are the most important (rounding every group down to
     its bins leaves budget unused: on CIFAR ResNet-56 at half the FLOPs, 120.8 of 125.7 MFLOPs)."""
     bounds = constraints(space, budget)
-    relative = [np.sort(np.asarray(v, dtype=np.float64) / max(float(np.mean(v)), 1e-12))[::-1] for v in importance]
+    scale = [max(float(np.mean(v)), 1e-12) if normalise else 1.0 for v in importance]
+    relative = [np.sort(np.asarray(v, dtype=np.float64) / s)[::-1] for v, s in zip(importance, scale)]
     cuts = np.quantile(np.concatenate(relative), np.linspace(0, 1, thresholds))
     # kept[t, g]: channels of group g at or above threshold t; the bin is the widest that keeps no more
     kept = np.stack([(r[None, :] >= cuts[:, None]).sum(1) for r in relative], axis=1)
@@ -267,18 +270,9 @@ def expected_cost(space: WidthSpace, probs: torch.Tensor, metric: str = "flops",
     exact expectation over its per-layer table. Differentiable in `probs`."""
     if metric == "latency":
         return space.latency_model(target).expected(probs)
-    c = space.cost
-    prefix = "flop" if metric == "flops" else "param"
-    t = lambda a: torch.as_tensor(a, dtype=probs.dtype, device=probs.device)  # noqa: E731
-    widths = t(space.width_table)
+    widths = torch.as_tensor(space.width_table, dtype=probs.dtype, device=probs.device)
     mean = (probs * widths).sum(1)
-    var = (probs * widths ** 2).sum(1) - mean ** 2
-    mo, mi = t(getattr(c, prefix + "_out_m")), t(getattr(c, prefix + "_in_m"))  # (G, L)
-    out = t(getattr(c, prefix + "_out")) + mean @ mo
-    inn = t(getattr(c, prefix + "_in")) + mean @ mi
-    product = out * inn + var @ (mo * mi)
-    total = product @ t(getattr(c, prefix + "_coef")) + getattr(c, metric + "_constant")
-    return total + out @ t(c.param_lin) if metric == "params" else total
+    return space.cost.differentiable(metric, mean, (probs * widths ** 2).sum(1) - mean ** 2)
 
 
 def _loss_table(space: WidthSpace, records) -> np.ndarray:

@@ -9,11 +9,9 @@ import heapq
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,11 +20,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from .distributed import rank_and_world
 from .errors import CompressorError, ConfigError
-from .files import atomic_torch_save, check_writable, remove_temporaries
+from .checkpoint import resume, rng_state, set_rng_state
+from .files import atomic_torch_save, check_writable
 from .losses import kd
 from .methods import get_method
 from .progress import Progress
-from .run_identity import check_same_run, run_identity, weights_hash
+from .run_identity import run_identity, weights_hash
 from .supernet import Supernet
 from .batches import check_labels, logits, read_batches
 
@@ -100,35 +99,6 @@ def _classes(x, net, output_fn):
         return logits(net.full()(x[:2]), output_fn).shape[-1]
 
 
-def _rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
-    np.random.set_state(tuple(np.array(v, dtype=np.uint32) if isinstance(v, list) else v for v in state["numpy"]))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-RESUME_FIX = ("Use another folder (compress: out_dir; train_supernet: checkpoint_dir), or pass restart=True "
-              "(CLI: --restart) to discard the checkpoint and start over.")
-
-
-def _load_checkpoint(path, device):
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated, corrupt, or not a torch file
-        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}). "
-                          + RESUME_FIX) from e
-    if not isinstance(state, dict) or not {"net", "step", "optimizer"} <= state.keys():
-        raise ConfigError(f"{path} is not a supernet checkpoint written by train_supernet. " + RESUME_FIX)
-    return state
-
-
 def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=None, steps=None, epochs=None,
                    batch_size=None, lr=0.01, momentum=0.9, weight_decay=4e-5, label_smoothing=0.1,
                    teacher: nn.Module = None, distill_weight=0.5, checkpoint_dir=None, checkpoint_every=200,
@@ -182,10 +152,6 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
     records = Records(records_k)
     start, path, run_id = 0, None, None
     if checkpoint_dir:
-        path = os.path.join(checkpoint_dir, CHECKPOINT)
-        check_writable(checkpoint_dir, 3 * sum(t.numel() * t.element_size() for t in net.state_dict().values()))
-        if rank == 0 and remove_temporaries(checkpoint_dir, CHECKPOINT):
-            log.info("removed the temporary files of an interrupted checkpoint write in %s", checkpoint_dir)
         run_id = run_identity(net, dataset, method=spec.name, options=dataclasses.asdict(options), steps=total,
                               seed=seed, batch_size=batch_size, world=world, lr=lr, momentum=momentum,
                               weight_decay=weight_decay, label_smoothing=label_smoothing,
@@ -194,17 +160,15 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
                               anchors=None if window is None else [list(a) for a in window.anchors],
                               sides=None if sides is None else list(sides),
                               teacher=weights_hash(teacher) if teacher is not None else None, **(identity or {}))
-        if restart and os.path.exists(path) and rank == 0:
-            os.remove(path)
-            log.info("restart: removed the checkpoint %s", path)
-        if os.path.exists(path) and not restart:
-            state = _load_checkpoint(path, device)
-            check_same_run(state.get("run") or {}, run_id, path, RESUME_FIX)
+        path, state = resume(checkpoint_dir, CHECKPOINT, run_id, restart=restart, device=device, owner=rank == 0,
+                             size=3 * sum(t.numel() * t.element_size() for t in net.state_dict().values()),
+                             keys=("net", "step", "optimizer"), what="a supernet checkpoint written by train_supernet")
+        if state is not None:
             net.load_state_dict(state["net"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             sampler.load_state_dict(state["sampler"])
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
             records = Records(records_k, state["records"])
             start = state["step"]
             log.info("resuming %s from step %d of %d", path, start, total)
@@ -213,7 +177,7 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
         if rank == 0 and path:
             atomic_torch_save({"run": run_id, "step": step, "net": net.state_dict(),
                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "sampler": sampler.state_dict(), "rng": _rng_state(),
+                               "sampler": sampler.state_dict(), "rng": rng_state(),
                                "records": [[l, list(c), s] for l, c, s in records.items()]}, path)
 
     model = net

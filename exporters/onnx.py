@@ -24,6 +24,8 @@ from compressor._version import __version__
 from compressor.errors import CompressorError
 from compressor.files import atomic_output, check_output_folder
 
+from .transforms import before_export
+
 VERSION_KEY = "compressor_version"
 INPUT_NAME = "input"
 # Parity tolerance of the exported fp32 graph: max|y_ort - y_torch| <= PARITY_RTOL * max|y_torch|.
@@ -56,7 +58,8 @@ class ExportReport:
 def export_onnx(model, example_input, path, *, dynamic_batch=True, opset=None, metadata=None):
     """Export `model` (run in eval mode on CPU) to a single ONNX file at `path`.
 
-    The caller's model is not touched: a deep copy is exported. `metadata` (str -> str) is stored
+    The caller's model is not touched: a deep copy is exported, after the passes of transforms.py
+    (RepNAS branch blocks fused into their conv and BN). `metadata` (str -> str) is stored
     in the file's `metadata_props` next to the compressor version. With `dynamic_batch` the batch
     dimension is symbolic and parity is checked at the example batch and at a second batch size
     (1, or 3 when the example batch is 1). Returns an `ExportReport`; raises `ExportError` when
@@ -69,7 +72,7 @@ def export_onnx(model, example_input, path, *, dynamic_batch=True, opset=None, m
     path = os.path.abspath(os.fspath(path))
     check_output_folder(os.path.dirname(path))  # fail before the slow export, not after it
 
-    model = _eval_cpu_copy(model)
+    model = before_export(_eval_cpu_copy(model))  # e.g. RepNAS branches fused: the inference graph
     x = example_input.detach().cpu()
     with torch.no_grad():
         y = _output_list(model(x))

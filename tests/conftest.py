@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
 SHARED_DATA = os.environ.get("COMPRESSOR_DATA", os.path.join(REPO, "..", "shared", "data"))
 
 
@@ -87,3 +88,32 @@ def quadrant_data(n=512, size=16, seed=0):
         r, col = divmod(c, 2)
         x[i, :, r * h + 2: r * h + h - 2, col * h + 2: col * h + h - 2] += 2.0
     return torch.utils.data.TensorDataset(x, y)
+
+
+def write_image_folder(root, data):
+    """An ImageFolder (one folder per class, PNG files) of a dataset of (image, label) tensors."""
+    import numpy as np
+    from PIL import Image
+    for i, (x, y) in enumerate(data):
+        folder = root / f"class{int(y)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = ((x.clamp(-2, 2) + 2) / 4 * 255).byte().permute(1, 2, 0).numpy()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(folder / f"{i}.png")
+
+
+def tinynet_file(folder):
+    """A model spec for the CLI, 'FILE:build': a .py file in `folder` whose build() makes TinyNet(width=8)."""
+    path = folder / "net.py"
+    path.write_text(f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom conftest import TinyNet\n"
+                    "def build():\n    return TinyNet(width=8)\n")
+    return f"{path}:build"
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    """TinyNet(width=16) trained on quadrant_data: over 90 % accurate, the model compress() is tested on."""
+    torch.manual_seed(0)
+    model = TinyNet(width=16)
+    from compressor.finetune import finetune
+    finetune(model, quadrant_data(512), epochs=8, lr=0.1, progress=False)
+    return model

@@ -4,23 +4,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import compressor as cz
-from conftest import TinyNet, assert_unchanged, quadrant_data, snapshot
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def pretrained():
-    torch.manual_seed(0)
-    model = TinyNet(width=16)
-    cz.finetune(model, quadrant_data(512), epochs=8, lr=0.1, progress=False)
-    return model
+from conftest import assert_unchanged, quadrant_data, snapshot, tinynet_file, write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -100,22 +88,11 @@ def test_bad_arguments(pretrained, tmp_path):
                     progress=False)
 
 
-def write_image_folder(root, data):
-    for i, (x, y) in enumerate(data):
-        folder = root / f"class{int(y)}"
-        folder.mkdir(parents=True, exist_ok=True)
-        pixels = ((x.clamp(-2, 2) + 2) / 4 * 255).byte().permute(1, 2, 0).numpy()
-        Image.fromarray(np.ascontiguousarray(pixels)).save(folder / f"{i}.png")
-
-
 def test_cli_compress_and_export(tmp_path):
     write_image_folder(tmp_path / "data" / "train", quadrant_data(256))
     write_image_folder(tmp_path / "data" / "val", quadrant_data(64, seed=1))
-    factory = tmp_path / "net.py"
-    factory.write_text(f"import sys\nsys.path.insert(0, {TESTS!r})\nfrom conftest import TinyNet\n"
-                       "def build():\n    return TinyNet(width=8)\n")
     cli = [sys.executable, "-m", "compressor.cli", "-q"]
-    args = ["compress", "--model", f"{factory}:build", "--data", str(tmp_path / "data"), "--budget", "flops<=50%",
+    args = ["compress", "--model", tinynet_file(tmp_path), "--data", str(tmp_path / "data"), "--budget", "flops<=50%",
             "--out", str(tmp_path / "out"), "--image-size", "16", "--supernet-epochs", "1", "--finetune-epochs", "0",
             "--batch-size", "32", "--effort", "0.1", "--conv-impl", "reference", "--keep-checkpoints"]
     run = subprocess.run(cli + args + ["--lr", "0.02"], capture_output=True, text=True)

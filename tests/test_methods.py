@@ -16,6 +16,21 @@ from compressor.train import CHECKPOINT
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
+NOISY = """
+class Noisy(torch.utils.data.Dataset):  # augmentation from the global RNG; SIGKILLs its process at
+    def __init__(self, data, armed):    # the kill_at-th item read once armed() holds (kill_at 0: never)
+        self.data, self.armed, self.calls = data, armed, 0
+    def __len__(self):
+        return len(self.data)
+    def __getitem__(self, i):
+        if self.armed():
+            self.calls += 1
+            if self.calls == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        x, y = self.data[i]
+        return x + 0.1 * torch.randn_like(x), y
+"""
+
 CONTRACT_SCRIPT = """
 import os, signal, sys
 import torch
@@ -27,24 +42,13 @@ from conftest import TinyNet, quadrant_data
 
 method, ckpt, out, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 
-class Noisy(torch.utils.data.Dataset):  # augmentation from the global RNG; can SIGKILL its process
-    def __init__(self, data):
-        self.data, self.calls = data, 0
-    def __len__(self):
-        return len(self.data)
-    def __getitem__(self, i):
-        self.calls += 1
-        if self.calls == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        x, y = self.data[i]
-        return x + 0.1 * torch.randn_like(x), y
-
+{noisy}
 torch.manual_seed(0)
 model = TinyNet()
 space = cz.analyze(model, torch.randn(1, 3, 16, 16), bins=8, divisor=1)
 net = cz.supernet(model, space)
 spec = get_method(method)
-trained = cz.train_supernet(net, Noisy(quadrant_data(256)), method=method, steps=12, batch_size=16,
+trained = cz.train_supernet(net, Noisy(quadrant_data(256), lambda: True), method=method, steps=12, batch_size=16,
                             checkpoint_dir=ckpt, checkpoint_every=4, lr=0.05, progress=False)
 calib, held_out = loader(quadrant_data(64, seed=1), 16), loader(quadrant_data(64, seed=2), 16)
 found = spec.searcher(net, "flops<=60%", calib, held_out, records=trained.records, effort=0.05,
@@ -62,19 +66,22 @@ torch.save({{"state": model.state_dict(), "records": trained.records, "cfg": lis
 """
 
 
-def run_contract(tmp_path, method, tag, kill_at=0):
+def run_script(tmp_path, text, *args):
+    """The exit code of `text` (a script template) run as a new Python process with `args`."""
     script = tmp_path / "contract.py"
-    script.write_text(CONTRACT_SCRIPT.format(tests=TESTS))
+    script.write_text(text.format(tests=TESTS, noisy=NOISY))
+    return subprocess.run([sys.executable, str(script), *map(str, args)], timeout=600).returncode
+
+
+def run_contract(tmp_path, method, tag, kill_at=0):
     out = tmp_path / f"{tag}.pt"
-    proc = subprocess.run([sys.executable, str(script), method, str(tmp_path / f"ckpt-{tag}"), str(out), str(kill_at)],
-                          timeout=600)
-    return proc.returncode, out
+    return run_script(tmp_path, CONTRACT_SCRIPT, method, tmp_path / f"ckpt-{tag}", out, kill_at), out
 
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_contract(name, tmp_path):
     if get_method(name).fit is not None:
-        pytest.skip(f"{name} replaces the supernet fit step: its contract runs through compress()")
+        pytest.skip(f"{name} replaces the supernet fit step: its contract runs through compress() (test_fit_method_contract)")
     code, ref_out = run_contract(tmp_path, name, "ref")
     assert code == 0
     ref = torch.load(ref_out, weights_only=True)
@@ -94,6 +101,64 @@ def test_method_contract(name, tmp_path):
     assert ref["flops"] == ref["measured"] <= ref["limit"]  # inside its budget, by the exact count
     assert ref["side"] in ref["sides"]
     assert ref["parity"] <= 1e-4  # the supernet's chosen subnet is the slim model
+
+
+FIT_CONTRACT_SCRIPT = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {tests!r})
+import compressor as cz
+from conftest import TinyNet, quadrant_data
+
+method, options, out_dir, out, kill_at = sys.argv[1], eval(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+checkpoints = os.path.join(out_dir, "checkpoints")
+
+{noisy}
+torch.manual_seed(0)
+result = cz.compress(TinyNet(), "flops<=60%", Noisy(quadrant_data(256), lambda: os.path.isdir(checkpoints) and
+                           os.listdir(checkpoints)), method=method, method_options=options, finetune_epochs=0, batch_size=16, bins=8, divisor=1, out_dir=out_dir, progress=False)
+torch.save({{"state": result.model.state_dict(), "widths": result.widths, "side": result.side,
+            "flops": result.result["flops"], "measured": cz.measure_flops(result.model, torch.randn(1, 3, 16, 16)),
+            "limit": result.limits["flops"]}}, out)
+"""
+
+# a fit method's options that make it write checkpoints within a few steps on the contract's data
+FIT_CONTRACT_OPTIONS = {"dagger": {"epochs": 1.0, "checkpoint_every": 4}}
+
+
+def run_fit_contract(tmp_path, method, tag, kill_at=0):
+    out = tmp_path / f"{tag}.pt"
+    return run_script(tmp_path, FIT_CONTRACT_SCRIPT, method, repr(FIT_CONTRACT_OPTIONS.get(method, {})),
+                      tmp_path / f"out-{tag}", out, kill_at), out
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if get_method(n).fit is not None])
+def test_fit_method_contract(name, tmp_path):
+    """A method that replaces the fit step, through compress() with an out_dir: killed after its first
+    checkpoint, it resumes to the identical slim model; a checkpoint records its step and steps; the
+    model is inside the budget by the exact count, on one of the method's sides. A fit that trains
+    nothing (recon) has no checkpoint: run again, it gives the identical slim model."""
+    trains = not get_method(name).finetunes_supernet_epochs
+    assert not trains or name in FIT_CONTRACT_OPTIONS, \
+        f"add {name}'s options to FIT_CONTRACT_OPTIONS: checkpoints within a few steps"
+    code, ref_out = run_fit_contract(tmp_path, name, "ref")
+    assert code == 0
+    ref = torch.load(ref_out, weights_only=True)
+
+    if trains:
+        code, out = run_fit_contract(tmp_path, name, "run", kill_at=5)  # a few items into the step after a checkpoint
+        assert code == -9 and not out.exists(), "the run was not killed mid-training: the test proves nothing"
+        saved = [torch.load(p, weights_only=True) for p in (tmp_path / "out-run" / "checkpoints").glob("*.pt")]
+        assert len(saved) == 1 and 0 < saved[0]["step"] < saved[0]["steps"], "killed after the fit step's training"
+    code, out = run_fit_contract(tmp_path, name, "run")
+    assert code == 0
+    got = torch.load(out, weights_only=True)
+    assert (got["widths"], got["side"]) == (ref["widths"], ref["side"])
+    for k, v in ref["state"].items():
+        assert torch.equal(got["state"][k], v), k
+
+    assert ref["flops"] == ref["measured"] <= ref["limit"]  # inside its budget, by the exact count
+    assert ref["side"] in get_method(name).sides
 
 
 @pytest.mark.parametrize("name", METHODS.names())
