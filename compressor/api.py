@@ -24,7 +24,7 @@ from .cost import count_params, measure_flops
 from .data import train_val_split
 from .errors import ConfigError, InfeasibleBudgetError
 from .files import atomic_output, check_writable, write_text_atomic
-from .finetune import accuracy, finetune, loader
+from .finetune import accuracy, finetune
 from .formats import export_format
 from .latency import build_latency_model, runtime
 from . import outputs
@@ -169,7 +169,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, config: Com
     # a method that trains nothing of its own spends the supernet's epochs fine-tuning
     epochs = cfg.finetune_epochs + (cfg.supernet_epochs if ctx.method.finetunes_supernet_epochs else 0)
     with clock("finetune"):  # the held-out split has done its job (ranking candidates): all the training data
-        tune = dict(epochs=epochs, lr=cfg.finetune_lr, teacher=ctx.teacher, seed=cfg.seed,
+        tune = dict(epochs=epochs, lr=cfg.finetune_lr or ctx.method.finetune_lr, teacher=ctx.teacher, seed=cfg.seed,
                     progress=progress, output_fn=output_fn)
         data = run.batches.loader(run.train, shuffle=True, seed=cfg.seed)
         if cfg.reparam == "repnas":  # with searched branches, fused again: `small` keeps its architecture
@@ -253,10 +253,12 @@ def _prepare(model, budget, train_data, val_data, cfg, clock, *, example_input, 
             torch.manual_seed(cfg.seed)
             importance = channel_importance(work, space, criterion,
                                             batches.loader(fit_data, shuffle=True, seed=cfg.seed), output_fn=output_fn)
+    unordered = None
     if cfg.channel_order != "none":
-        work = order_channels(work, space, layout=layout, importance=importance)
+        unordered, work = work, order_channels(work, space, layout=layout, importance=importance)
     context = FitContext(
-        model=work, space=space, train_data=fit_data, held_out=held_out, budget=budget, method=spec,
+        model=work, unordered=unordered, space=space, train_data=fit_data, held_out=held_out, budget=budget,
+        method=spec,
         options=options, teacher=original if cfg.distill else None, latency=latency,
         limits={b.metric: b.limit for b in bounds}, epochs=cfg.supernet_epochs, batch_size=batches.batch_size,
         lr=cfg.lr, effort=cfg.effort, calib_batches=cfg.calib_batches, conv_impl=cfg.conv_impl,
@@ -331,38 +333,37 @@ def _fit_supernet(ctx: FitContext) -> Fitted:
     clock, space = Stopwatch(), ctx.space
     reference = copy.deepcopy(ctx.model) if ctx.reconstruct != "none" else None  # the full model, untrained
     net = supernet(ctx.model, space, impl=ctx.conv_impl)
-    batched = (lambda data: ctx.batches.loader(data)) if ctx.batches else (lambda data: loader(data, ctx.batch_size))
     window = ctx.window
     if ctx.sampling == "anchored" and window is not None and ctx.seeds:
         with clock("anchor"):
-            anchor, anchor_score = _best_seed(ctx, net, batched)
+            anchor, anchor_score = _best_seed(ctx, net)
             window = replace(window, anchors=(anchor,))
         if ctx.reconstruct == "anchor":
             with clock("reconstruct"):  # ctx.model holds net's parameters: the supernet starts there
-                _reconstruct_anchor(ctx, net, reference, anchor, anchor_score, batched)
+                _reconstruct_anchor(ctx, net, reference, anchor, anchor_score)
     # training changes ctx.model: a supernet over a copy keeps the weights before it
     before = supernet(copy.deepcopy(ctx.model), space, impl=ctx.conv_impl) if ctx.inherit != "supernet" else None
     with clock("supernet"):
-        trained = train_supernet(net, batched(ctx.train_data), method=ctx.method, method_options=ctx.options,
+        trained = train_supernet(net, ctx.batched(ctx.train_data), method=ctx.method, method_options=ctx.options,
                                  epochs=ctx.epochs, batch_size=ctx.batch_size, lr=ctx.lr, teacher=ctx.teacher,
                                  seed=ctx.seed, progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir,
                                  restart=ctx.restart, identity=ctx.identity, output_fn=ctx.output_fn,
                                  window=window, sides=ctx.sides)
     with clock("search"):
-        small, found, attempts = _search_and_slim(ctx, net, before, trained.records, batched,
+        small, found, attempts = _search_and_slim(ctx, net, before, trained.records,
                                                   window.anchors if window is not None else ())
     if ctx.reconstruct == "final":
         with clock("reconstruct"):  # the delivered configuration, from the weights before training
             small = slim(reference, space, found.cfg, found.side)
-            reconstruct(small, reference, space, found.cfg, found.side, batched(ctx.train_data))
+            reconstruct(small, reference, space, found.cfg, found.side, ctx.calibration())
             found.inherited = "reconstructed"
     return Fitted(small, found, attempts, clock.timings)
 
 
-def _best_seed(ctx, net, batched):
+def _best_seed(ctx, net):
     """The seed configuration whose left path scores best on the held-out split with the weights
     before training (BN recalibrated): the anchor supernet training moves around."""
-    calib, scoring = batched(ctx.train_data), batched(ctx.held_out)
+    calib, scoring = ctx.calibration(), ctx.batched(ctx.held_out)
     scores = [same_draws(score, net, cfg, "left", scoring, calib, calib_batches=ctx.calib_batches,
                          metric=ctx.score_metric, output_fn=ctx.output_fn) for cfg in ctx.seeds]
     best = max(range(len(scores)), key=scores.__getitem__)  # ties: the first seed
@@ -371,11 +372,11 @@ def _best_seed(ctx, net, batched):
     return tuple(ctx.seeds[best]), scores[best]
 
 
-def _reconstruct_anchor(ctx, net, reference, anchor, score_before, batched):
+def _reconstruct_anchor(ctx, net, reference, anchor, score_before):
     """Refit the anchor's layers by least squares toward the untrained full model and write them
     into the supernet's weights, kept only when the anchor's held-out score does not drop (a
     network whose pruned features no longer resemble the full one's can fit noise)."""
-    calib, scoring = batched(ctx.train_data), batched(ctx.held_out)
+    calib, scoring = ctx.calibration(), ctx.batched(ctx.held_out)
     saved = copy.deepcopy(ctx.model.state_dict())
     small = slim(ctx.model, ctx.space, anchor, "left")
     write_back(ctx.model, small, ctx.space, anchor, "left",
@@ -388,11 +389,11 @@ def _reconstruct_anchor(ctx, net, reference, anchor, score_before, batched):
         ctx.model.load_state_dict(saved)
 
 
-def _search_and_slim(ctx, net, before, records, batched, anchors=()):
+def _search_and_slim(ctx, net, before, records, anchors=()):
     """Search the trained supernet and slim the chosen configuration; with a latency budget, again
     with a tightened limit while the delivered model misses it."""
     space = ctx.space
-    calib, scoring = batched(ctx.train_data), batched(ctx.held_out)
+    calib, scoring = ctx.calibration(), ctx.batched(ctx.held_out)
     search_budget, attempts = ctx.budget, []
     while True:
         found = ctx.method.searcher(net, search_budget, calib, scoring, records=records, effort=ctx.effort,

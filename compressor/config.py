@@ -48,7 +48,7 @@ class CompressConfig:
     finetune_epochs: float = 1.0
     batch_size: int = 64
     lr: float = 0.01                    # supernet training
-    finetune_lr: float = 0.003          # after a least-squares reconstruction, 0.01 undoes part of it
+    finetune_lr: float | None = None    # None: the method's (Method.finetune_lr; recon 0.003, the others 0.01)
     distill: bool = True                # the original teaches the subnets and the fine-tuned model
     effort: float = 0.25                # scales the evolutionary search (1.0 = the paper's 50 x 40)
     search_fraction: float = 0.1        # of train_data, held out to rank candidates
@@ -67,7 +67,7 @@ class CompressConfig:
     final_batches: int = 0              # the finalists' second look (0: none)
     supernet_window: float | None = 0.8  # train subnets costing [window x limit, limit] (None: all)
     supernet_sampling: str = "anchored"  # of SUPERNET_SAMPLING
-    reconstruct: str = "none"           # of RECONSTRUCT (supernet methods; recon always reconstructs)
+    reconstruct: str = "anchor"         # of RECONSTRUCT (supernet methods; recon always reconstructs)
     score_original: bool = False        # the search scores the weights before supernet training too
     reparam: str | None = None          # of REPARAMS: "repnas" fine-tunes with searched branches, then fuses
     reparam_options: dict | None = None  # reparam.RepnasOptions, e.g. {"branches": 20}
@@ -91,7 +91,8 @@ class CompressConfig:
         for name in ("supernet_epochs", "finetune_epochs"):
             _number(name, getattr(self, name), 0, strict=False)
         for name in ("effort", "lr", "finetune_lr"):
-            _number(name, getattr(self, name), 0)
+            if getattr(self, name) is not None or name != "finetune_lr":
+                _number(name, getattr(self, name), 0)
         _number("calib_batches", self.calib_batches, 0, integer=True)
         _number("final_batches", self.final_batches, 0, strict=False, integer=True)
         if self.supernet_window is not None and (isinstance(self.supernet_window, bool) or not isinstance(

@@ -51,6 +51,7 @@ class Method:
     fit: Callable[..., Any] | None = None
     # a fit that trains nothing: compress() fine-tunes for supernet_epochs + finetune_epochs instead
     finetunes_supernet_epochs: bool = False
+    finetune_lr: float = 0.01           # compress()'s fine-tuning learning rate unless finetune_lr is given
     summary: str = ""
 
     def parse_options(self, options=None):
@@ -81,7 +82,7 @@ def get_method(name) -> Method:
 class FitContext:
     """What compress() hands a method's fit step: the (channel-ordered) model and its space, the
     training split and the held-out split for scoring, the budget and the settings of the run."""
-    model: Any
+    model: Any                  # channel-ordered by importance (compress's channel_order)
     space: Any
     train_data: Any
     held_out: Any
@@ -112,8 +113,26 @@ class FitContext:
     restart: bool = False       # discard a checkpoint of another run instead of refusing it
     identity: dict = dataclasses.field(default_factory=dict)  # what else defines the run (for resume)
     output_fn: Any = None       # picks the logits from a model output that is not a tensor
+    unordered: Any = None       # the model in its own channel order (None: channel_order "none")
     batches: Any = None         # how to batch train_data/held_out (validate.LoaderOptions: the user's
                                 # DataLoader settings or compress's batch_size); None: batch_size
+
+
+    def batched(self, data, shuffle=False, seed=0):
+        """A DataLoader of `data` batched as compress() batches (the user's DataLoader settings, else
+        batch_size)."""
+        from ..finetune import loader
+        if self.batches is not None:
+            return self.batches.loader(data, shuffle=shuffle, seed=seed)
+        return loader(data, self.batch_size, shuffle=shuffle, seed=seed)
+
+    def calibration(self):
+        """The training split in one random order fixed by the run's seed, the same on every pass:
+        BN recalibration and reconstruction read its first batches, which must hold every class (an
+        ImageFolder lists its images class by class)."""
+        import torch
+        order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.seed))
+        return self.batched(torch.utils.data.Subset(self.train_data, order.tolist()))
 
 
 @dataclass

@@ -41,7 +41,6 @@ from ..batches import check_labels, logits, read_batches
 from ..checkpoint import resume, rng_state, set_rng_state
 from ..errors import ConfigError
 from ..files import atomic_torch_save
-from ..finetune import loader
 from ..layers import kind_of
 from ..losses import kd
 from ..progress import Progress
@@ -238,11 +237,6 @@ def fit(ctx) -> Fitted:
     return Fitted(small, found, [], clock.timings)
 
 
-def _batched(ctx):
-    return ctx.batches.loader if ctx.batches else (
-        lambda data, shuffle=False, seed=0: loader(data, ctx.batch_size, shuffle, seed))
-
-
 def train_gates(ctx, bounds) -> list:
     """Train the gate network on a frozen copy of ctx.model; returns the final gates, one numpy
     array per group. Resumes from ctx.checkpoint_dir as supernet training does."""
@@ -254,7 +248,7 @@ def train_gates(ctx, bounds) -> list:
         torch.manual_seed(ctx.seed)
         net = GateNet(features.to(device), group.to(device), len(space), options.hidden, options.temperature).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=options.lr)
-    batched = _batched(ctx)
+    batched = ctx.batched
     per_epoch = len(batched(ctx.train_data, shuffle=True))
     if per_epoch == 0:
         raise ConfigError(f"the training split has {len(ctx.train_data)} samples: fewer than one batch of "
@@ -353,11 +347,11 @@ def _prune(ctx, gates):
     widths that meets every constraint (search.importance_baseline on allocation_scores), BN
     statistics recalibrated for it, its held-out score, and the physically slimmed model
     (the pretrained weights of the kept channels)."""
-    space, batched = ctx.space, _batched(ctx)
+    space, batched = ctx.space, ctx.batched
     cfg = importance_baseline(space, allocation_scores(gates), ctx.budget, normalise=False)
     ordered = order_channels(ctx.model, space, layout="left", importance=gates)
     net = supernet(ordered, space, impl=ctx.conv_impl)
-    calib = batched(ctx.train_data)
+    calib = ctx.calibration()
     recalibrate_bn(net, cfg, "left", calib, batches=ctx.calib_batches)
     held_out = same_draws(score, net, cfg, "left", batched(ctx.held_out), calib, calib_batches=ctx.calib_batches,
                           metric=ctx.score_metric, output_fn=ctx.output_fn)
