@@ -141,6 +141,52 @@ def summarise(rows, budgets, modes, names):
     return "\n".join(lines)
 
 
+def goals(rows, budgets, modes, method="recon"):
+    """Markdown: per budget and mode, `method` against the better Torch-Pruning row (TP best: by mean)
+    and the uniform row, seed by seed (the same images and test set), and the time against TP best."""
+    lines = ["| budget, mode | seeds | " + method + " | TP best | difference (per seed) | uniform | never below "
+             "uniform | wall s: " + method + " / TP best |", "|---|---|---|---|---|---|---|---|"]
+    for budget in budgets:
+        for mode in modes:
+            def by_seed(name):
+                return {r["seed"]: r for r in rows if r["budget"] == budget and r["row"] == name
+                        and r["mode"] in (mode, "both")}
+            ours, uniform = by_seed(method), by_seed("uniform")
+            tps = {n: by_seed(n) for n in ("tp-group-l2", "tp-taylor") if by_seed(n)}
+            seeds = sorted(set(ours).intersection(*[set(t) for t in tps.values()], uniform))
+            if not seeds or not tps:
+                continue
+            best = max(tps, key=lambda n: statistics.mean(tps[n][k]["accuracy"] for k in seeds))
+            diff = [100 * (ours[k]["accuracy"] - tps[best][k]["accuracy"]) for k in seeds]
+            mean = lambda table: 100 * statistics.mean(table[k]["accuracy"] for k in seeds)  # noqa: E731
+            seconds = lambda table: statistics.mean(table[k]["seconds"] for k in seeds)  # noqa: E731
+            below = [k for k in seeds if ours[k]["accuracy"] < uniform[k]["accuracy"]]
+            lines.append(f"| {budget}, {mode} | {len(seeds)} | {mean(ours):.1f} % | {mean(tps[best]):.1f} % ({best}) | "
+                         f"{statistics.mean(diff):+.1f} ({', '.join(f'{d:+.1f}' for d in diff)}) | {mean(uniform):.1f} % | "
+                         f"{'yes' if not below else 'no: seeds ' + str(below)} | {seconds(ours):.0f} / "
+                         f"{seconds(tps[best]):.0f} ({seconds(ours) / seconds(tps[best]):.2f}x) |")
+    return "\n".join(lines)
+
+
+def report(paths):
+    """Print the tables of the rows in the result files `paths` (e.g. a baseline run and a
+    compress run made apart); the files must hold the same setting."""
+    rows, settings = [], []
+    for path in paths:
+        with open(path) as f:
+            saved = json.load(f)
+        rows += saved["rows"]
+        settings.append(saved["run"]["setting"])
+    if any(s != settings[0] for s in settings):
+        raise SystemExit(f"the files hold runs of different settings: {settings}")
+    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    names = list(dict.fromkeys(r["row"] for r in rows))
+    print(summarise(rows, budgets, MODES, names))
+    print()
+    print(goals(rows, budgets, MODES))
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=SETTINGS, default="cpu")
@@ -154,7 +200,11 @@ def main():
     parser.add_argument("--tag", default="", help="suffix of the result file, to keep runs apart")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (recorded)")
     parser.add_argument("--fresh", action="store_true", help="start the result file over")
+    parser.add_argument("--report", nargs="+", metavar="FILE",
+                        help="print the tables of these result files together and run nothing")
     args = parser.parse_args()
+    if args.report:
+        return report(args.report)
     torch.set_num_threads(args.threads)
 
     import compressor as cz

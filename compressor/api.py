@@ -277,7 +277,7 @@ def _prepare(model, budget, train_data, val_data, cfg, clock, *, example_input, 
                 before, source)
 
 
-_TRAINER_RECORDS = ("method", "method_options", "seed", "batch_size", "lr")
+_TRAINER_RECORDS = ("method", "method_options", "seed", "batch_size", "lr", "sides")
 
 
 def _training_window(bounds, low, sampling):

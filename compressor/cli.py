@@ -178,7 +178,8 @@ def _check_folder_writable(path):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="compressor", description="BCNet width search and slimming for CNNs.")
+    parser = argparse.ArgumentParser(prog="compressor",
+                                     description="Width search, slimming and reconstruction for pretrained CNNs.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,7 +200,7 @@ def build_parser():
     p.add_argument("--divisor", type=divisor_arg, default="auto", help="an integer, or auto (default)")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("compress", help="compress a model to a budget with BCNet")
+    p = sub.add_parser("compress", help="compress a model to a budget (default method: recon; bcnet, ua, dagger)")
     model_args(p)
     p.add_argument("--data", required=True, help="an ImageFolder directory, or one with train/ and val/ (or test/)")
     p.add_argument("--budget", required=True, help="e.g. 'flops<=50%%' or 'flops<=50%%,params<=2.5M'")
@@ -207,7 +208,8 @@ def build_parser():
     p.add_argument("--method", choices=_MethodNames(), default=CompressConfig.method, metavar="METHOD",
                    help="a registered method: %(choices)s (default: %(default)s)")
     p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
-                   help="an option of the method, e.g. complementary=false (bcnet) or n_random=3 (ua); repeatable")
+                   help="an option of the method, e.g. local=8 (recon), complementary=false (bcnet) or n_random=3 "
+                   "(ua); repeatable")
     p.add_argument("--supernet-epochs", type=float, default=CompressConfig.supernet_epochs)
     p.add_argument("--finetune-epochs", type=float, default=CompressConfig.finetune_epochs)
     p.add_argument("--batch-size", type=int, default=CompressConfig.batch_size)

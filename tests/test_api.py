@@ -15,7 +15,7 @@ from conftest import assert_unchanged, quadrant_data, snapshot, tinynet_file, wr
 def bcnet_run(pretrained, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     before = snapshot(pretrained)
-    result = cz.compress(pretrained, "flops<=50%", quadrant_data(512), quadrant_data(256, seed=1),
+    result = cz.compress(pretrained, "flops<=50%", quadrant_data(512), quadrant_data(256, seed=1), method="bcnet",
                          supernet_epochs=1, finetune_epochs=1, batch_size=32, effort=0.1, bins=10, divisor=1,
                          out_dir=str(out), export=["onnx"], progress=False)
     return result, out, before
@@ -94,7 +94,7 @@ def test_cli_compress_and_export(tmp_path):
     cli = [sys.executable, "-m", "compressor.cli", "-q"]
     args = ["compress", "--model", tinynet_file(tmp_path), "--data", str(tmp_path / "data"), "--budget", "flops<=50%",
             "--out", str(tmp_path / "out"), "--image-size", "16", "--supernet-epochs", "1", "--finetune-epochs", "0",
-            "--batch-size", "32", "--effort", "0.1", "--conv-impl", "reference", "--keep-checkpoints"]
+            "--batch-size", "32", "--effort", "0.1", "--conv-impl", "reference", "--keep-checkpoints", "--method", "bcnet"]
     run = subprocess.run(cli + args + ["--lr", "0.02"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "out" / "checkpoints").is_dir()
@@ -124,9 +124,11 @@ def _conv_weights(model):
 @pytest.mark.parametrize("inherit", ["original", "supernet", "best"])
 def test_inherit_picks_where_the_slim_weights_come_from(pretrained, inherit):
     """Ordered by Taylor importance, the slim model's convolutions are either a slice of the ordered
-    original (inherit="original") or of the trained supernet; "best" names the one it took."""
+    original (inherit="original") or of the trained supernet; "best" names the one it took (BCNet,
+    without the anchor's reconstruction, which changes the weights before training)."""
     result = cz.compress(pretrained, "flops<=50%", quadrant_data(256), None, supernet_epochs=2, finetune_epochs=0,
-                         batch_size=32, effort=0.1, bins=10, divisor=1, lr=0.05, inherit=inherit, progress=False)
+                         batch_size=32, effort=0.1, bins=10, divisor=1, lr=0.05, inherit=inherit, progress=False,
+                         method="bcnet", channel_order="taylor", reconstruct="none")
     from compressor.data import train_val_split
     from compressor.finetune import loader
     from compressor.slim import channel_importance

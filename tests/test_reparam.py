@@ -20,8 +20,7 @@ from compressor.exporters.onnx import PARITY_RTOL, export_onnx, onnxruntime_sess
 from compressor.reparam import (BRANCH_KINDS, Geometry, RepBlock, add_branches, blocks, conv_bn_pairs,
                                 finetune_repnas, fuse, unavailable)
 from compressor.slim import max_rel_diff
-from conftest import TinyNet, assert_unchanged, quadrant_data, snapshot, with_real_statistics
-from test_api import pretrained, write_image_folder  # noqa: F401 (a fixture)
+from conftest import TinyNet, assert_unchanged, quadrant_data, snapshot, with_real_statistics, write_image_folder
 from test_config import Unreadable
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
