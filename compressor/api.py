@@ -35,7 +35,7 @@ from .run_identity import weights_hash
 from .samplers import TrainingWindow
 from .stopwatch import Stopwatch
 from .search import (constraints, feasible, human, importance_baseline, recalibrate_bn, same_draws, score,
-                     uniform_baseline)
+                     uniform_baseline, widen)
 from .reconstruct import reconstruct, write_back
 from .slim import channel_importance, freeze_unsliceable, order_channels, save_slim, slim
 from .space import analyze
@@ -169,7 +169,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, config: Com
     # a method that trains nothing of its own spends the supernet's epochs fine-tuning
     epochs = cfg.finetune_epochs + (cfg.supernet_epochs if ctx.method.finetunes_supernet_epochs else 0)
     with clock("finetune"):  # the held-out split has done its job (ranking candidates): all the training data
-        tune = dict(epochs=epochs, lr=cfg.finetune_lr or ctx.method.finetune_lr, teacher=ctx.teacher, seed=cfg.seed,
+        tune = dict(epochs=epochs, lr=cfg.finetune_lr, teacher=ctx.teacher, seed=cfg.seed,
                     progress=progress, output_fn=output_fn)
         data = run.batches.loader(run.train, shuffle=True, seed=cfg.seed)
         if cfg.reparam == "repnas":  # with searched branches, fused again: `small` keeps its architecture
@@ -271,8 +271,9 @@ def _prepare(model, budget, train_data, val_data, cfg, clock, *, example_input, 
         # (train_supernet records the method, its options, the seed, batch size and lr itself)
         identity=dict({k: v for k, v in cfg.identity().items() if k not in _TRAINER_RECORDS},
                       weights=weights_hash(model), budget=str(budget), latency_options=latency_options),
-        seeds=[uniform_baseline(space, budget), importance_baseline(space, importance, budget)]
-        if cfg.seed_population else [])
+        # the seeds use the budget: uniform width too is widened, most important next channels first
+        seeds=[widen(space, uniform_baseline(space, budget), importance, budget),
+               importance_baseline(space, importance, budget)] if cfg.seed_population else [])
     return _Run(context, inputs.train, batches, original, x, inputs.val_loader if inputs.val is not None else None,
                 before, source)
 

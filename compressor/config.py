@@ -48,7 +48,7 @@ class CompressConfig:
     finetune_epochs: float = 1.0
     batch_size: int = 64
     lr: float = 0.01                    # supernet training
-    finetune_lr: float | None = None    # None: the method's (Method.finetune_lr; recon 0.003, the others 0.01)
+    finetune_lr: float = 0.01
     distill: bool = True                # the original teaches the subnets and the fine-tuned model
     effort: float = 0.25                # scales the evolutionary search (1.0 = the paper's 50 x 40)
     search_fraction: float = 0.1        # of train_data, held out to rank candidates
@@ -91,8 +91,7 @@ class CompressConfig:
         for name in ("supernet_epochs", "finetune_epochs"):
             _number(name, getattr(self, name), 0, strict=False)
         for name in ("effort", "lr", "finetune_lr"):
-            if getattr(self, name) is not None or name != "finetune_lr":
-                _number(name, getattr(self, name), 0)
+            _number(name, getattr(self, name), 0)
         _number("calib_batches", self.calib_batches, 0, integer=True)
         _number("final_batches", self.final_batches, 0, strict=False, integer=True)
         if self.supernet_window is not None and (isinstance(self.supernet_window, bool) or not isinstance(

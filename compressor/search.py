@@ -224,9 +224,7 @@ def importance_baseline(space: WidthSpace, importance, budget, thresholds: int =
     False, for scores already comparable across groups such as DAGGER's gates) reaches one
     network-wide threshold, rounded down to the group's bins; the lowest threshold that meets every
     constraint. With channels in importance order, the left path of this configuration is what
-    global pruning would keep. `fill`: then widen it while the budget allows, one width at a
-    time, in the group whose next channels are the most important (rounding every group down to
-    its bins leaves budget unused: on CIFAR ResNet-56 at half the FLOPs, 120.8 of 125.7 MFLOPs)."""
+    global pruning would keep. `fill`: then widened while the budget allows (`widen`)."""
     bounds = constraints(space, budget)
     scale = [max(float(np.mean(v)), 1e-12) if normalise else 1.0 for v in importance]
     relative = [np.sort(np.asarray(v, dtype=np.float64) / s)[::-1] for v, s in zip(importance, scale)]
@@ -239,16 +237,28 @@ def importance_baseline(space: WidthSpace, importance, budget, thresholds: int =
     ok = feasible(bounds, cfgs)
     if not ok.any():
         return space.min()
-    cfg = cfgs[np.argmax(ok)]  # thresholds ascend: the first feasible keeps most
-    while fill:
+    cfg = tuple(int(c) for c in cfgs[np.argmax(ok)])  # thresholds ascend: the first feasible keeps most
+    return widen(space, cfg, importance, budget, normalise) if fill else cfg
+
+
+def widen(space: WidthSpace, cfg, importance, budget, normalise: bool = True) -> tuple:
+    """`cfg` widened one width at a time, in the group whose next channels are the most important
+    (`importance` as importance_baseline reads it, the channels in its order), while every constraint
+    of `budget` holds: rounding every group down to its bins, or one width for all of them, leaves
+    budget unused (on CIFAR ResNet-56: 120.8 of 125.7 MFLOPs at half the FLOPs; uniform width 63.1
+    of 75.4 at 30 %)."""
+    bounds = constraints(space, budget)
+    scale = [max(float(np.mean(v)), 1e-12) if normalise else 1.0 for v in importance]
+    relative = [np.sort(np.asarray(v, dtype=np.float64) / s)[::-1] for v, s in zip(importance, scale)]
+    cfg = np.asarray(space.check(cfg))
+    while True:
         wider = space.step(np.repeat(cfg[None], len(space), 0), np.eye(len(space), dtype=np.int64))
         grown = np.flatnonzero((wider != cfg).any(1) & feasible(bounds, wider))
         if not len(grown):
-            break
+            return tuple(int(c) for c in cfg)
         kept = space.width_table[np.arange(len(space)), cfg]
         added = [relative[g][kept[g]:space.width_table[g, wider[g, g]]].mean() for g in grown]
         cfg = wider[grown[int(np.argmax(added))]]
-    return tuple(int(c) for c in cfg)
 
 
 # -- the prior -----------------------------------------------------------------------------------

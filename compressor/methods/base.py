@@ -51,7 +51,6 @@ class Method:
     fit: Callable[..., Any] | None = None
     # a fit that trains nothing: compress() fine-tunes for supernet_epochs + finetune_epochs instead
     finetunes_supernet_epochs: bool = False
-    finetune_lr: float = 0.01           # compress()'s fine-tuning learning rate unless finetune_lr is given
     summary: str = ""
 
     def parse_options(self, options=None):

@@ -158,6 +158,4 @@ def _search(ctx, candidates, options):
 
 RECON = register(Method(
     name="recon", options=ReconOptions, sampler=None, fit=fit, sides=("left",), finetunes_supernet_epochs=True,
-    # after the reconstruction, 0.01 undid part of it: CIFAR ResNet-56, half the FLOPs, 2 epochs, 76.8 % against 73.6 %
-    finetune_lr=0.003,
     summary="reconstruction-scored width search around the seed configurations, no supernet (the default)"))
