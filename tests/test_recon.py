@@ -82,8 +82,11 @@ def test_the_anchor_guard_keeps_the_anchor_unless_a_candidate_is_clearly_better(
 
 def test_recon_meets_a_latency_budget_measured_on_the_target(pretrained, tmp_path):
     """A latency budget: the candidates are ranked within the latency model's prediction, and the
-    delivered model is measured on the target (torch-cpu) by compress()'s delivery loop."""
-    result = cz.compress(pretrained, "latency<=90%@torch-cpu", quadrant_data(128), batch_size=32, supernet_epochs=0.25,
+    delivered model is measured on the target (torch-cpu) by compress()'s delivery loop. The limit
+    is loose (TinyNet's latency is mostly per-layer overhead, and on a loaded machine its smallest
+    configuration has measured slower than the original): what is tested is the loop."""
+    result = cz.compress(pretrained, "flops<=60%,latency<=50ms@torch-cpu", quadrant_data(128), batch_size=32,
+                         supernet_epochs=0.25,
                          finetune_epochs=0.25, bins=8, divisor=1, progress=False,
                          latency_options=dict(cache_dir=str(tmp_path), points=3, calibration=4))
     attempts = result.search["latency_attempts"]
