@@ -300,7 +300,7 @@ def main():
                                finetune_epochs=epochs[mode])
                     else:
                         options = dict(variants.get(row, {}))
-                        method = options.pop("method", row if row in METHODS else "bcnet")
+                        method = options.pop("method", row if row in METHODS else CompressConfig.method)
                         result = compress(original, budget, train, None, example_input=x, method=method,
                                           supernet_epochs=setting["supernet_epochs"],
                                           finetune_epochs=setting["finetune_epochs"], effort=setting["effort"],

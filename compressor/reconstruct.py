@@ -54,6 +54,23 @@ def _rows(module, value, index, positions, role):
     return torch.gather(value.detach(), 2, at).permute(0, 2, 1).reshape(-1, d).double().cpu()
 
 
+def _hooked_forward(model, images, register):
+    """One forward of `images` without gradients, in eval mode, with the hooks `register()` returns
+    (removed afterwards; the modules' modes restored)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    handles = []
+    try:
+        handles = register()
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+
+
 def _solve(x, y, weight, bias, groups, ridge):
     """Ridge least squares y ~ x w + b, pulled toward the layer's current `weight` (rows, flattened)
     and `bias` (None: no bias), block-diagonal over `groups`: directions the sampled rows do not
@@ -101,17 +118,8 @@ class Targets:
                 self.rows[name] = _rows(module, output, index, positions, "out").float()
             return hook
 
-        training = [(m, m.training) for m in full.modules()]
-        full.eval()
-        handles = [full.get_submodule(name).register_forward_hook(record(i, name)) for i, name in enumerate(self.names)]
-        try:
-            with torch.no_grad():
-                full(self.images)
-        finally:
-            for h in handles:
-                h.remove()
-            for m, mode in training:
-                m.training = mode
+        _hooked_forward(full, self.images, lambda: [full.get_submodule(name).register_forward_hook(record(i, name))
+                                                    for i, name in enumerate(self.names)])
         for name, count in calls.items():
             if count != 1:  # a module run twice per forward (shared) has no single target
                 self.rows.pop(name, None)
@@ -127,7 +135,7 @@ def reconstruct(small: nn.Module, full: nn.Module, space, cfg, side: str, data, 
     modes are restored."""
     targets = targets or Targets(full, data, batches=batches, positions=positions)
     drop = inactive_indices(space, cfg, side)
-    fitted, handles = [], []
+    fitted = []
 
     def fit(index, name):
         removed = drop.get((name, "out"))
@@ -147,18 +155,8 @@ def reconstruct(small: nn.Module, full: nn.Module, space, cfg, side: str, data, 
             fitted.append(name)
         return hook
 
-    modes = [(m, m.training) for m in small.modules()]
-    small.eval()
-    try:
-        handles = [small.get_submodule(name).register_forward_pre_hook(fit(i, name))
-                   for i, name in enumerate(targets.names) if name in targets.rows]
-        with torch.no_grad():
-            small(targets.images)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.training = mode
+    _hooked_forward(small, targets.images, lambda: [small.get_submodule(name).register_forward_pre_hook(fit(i, name))
+                                                   for i, name in enumerate(targets.names) if name in targets.rows])
     _match_norm_statistics(small, targets.images)
     log.info("reconstructed %d layers from %d images", len(fitted), len(targets.images))
     return fitted
@@ -174,22 +172,13 @@ def _match_norm_statistics(model, images):
     steps). With matched statistics, train mode starts where eval mode is."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.affine and m.track_running_stats and m.running_var is not None]
-    stats, handles = {}, []
-    for m in norms:
-        def hook(module, inputs, stats=stats):
-            x = inputs[0].detach().transpose(0, 1).flatten(1).double()
-            stats.setdefault(module, (x.mean(1), x.var(1, unbiased=False)))
-        handles.append(m.register_forward_pre_hook(hook))
-    training = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in training:
-            m.training = mode
+    stats = {}
+
+    def hook(module, inputs):
+        x = inputs[0].detach().transpose(0, 1).flatten(1).double()
+        stats.setdefault(module, (x.mean(1), x.var(1, unbiased=False)))
+
+    _hooked_forward(model, images, lambda: [m.register_forward_pre_hook(hook) for m in norms])
     with torch.no_grad():
         for m, (mean, var) in stats.items():
             old_std = (m.running_var.double() + m.eps).sqrt()
