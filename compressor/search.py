@@ -257,7 +257,9 @@ def widen(space: WidthSpace, cfg, importance, budget, normalise: bool = True) ->
         if not len(grown):
             return tuple(int(c) for c in cfg)
         kept = space.width_table[np.arange(len(space)), cfg]
-        added = [relative[g][kept[g]:space.width_table[g, wider[g, g]]].mean() for g in grown]
+        added = [relative[g][kept[g]:space.width_table[g, wider[g, g]]] for g in grown]
+        # a group whose importance vector is shorter than its widths (nothing scored there) comes last
+        added = [a.mean() if a.size else -np.inf for a in added]
         cfg = wider[grown[int(np.argmax(added))]]
 
 
