@@ -16,17 +16,13 @@ from .distributed import rank_and_world
 from .errors import ConfigError, InfeasibleBudgetError
 from .progress import Progress
 from .samplers import local_moves
+from .searchers import _DRAW_BATCH, _DRAW_ROUNDS, Evolution, Problem
 from .space import WidthSpace
 from .supernet import Supernet
 from .batches import check_labels, logits, read_batches
 
 log = logging.getLogger("compressor.search")
 
-# Draws for the initial population: rounds of max(_DRAW_BATCH, 20 x population) candidates.
-_DRAW_ROUNDS = 20
-_DRAW_BATCH = 1000
-_CHILD_TRIES = 10
-_MUTATION_PROB = 0.1
 
 
 # -- scoring -------------------------------------------------------------------------------------
@@ -395,6 +391,15 @@ def canonical_bins(space: WidthSpace) -> np.ndarray:
     return canon
 
 
+def width_problem(space: WidthSpace, bounds, score) -> Problem:
+    """The search over `space` under `bounds` as a searchers.Problem: per group its distinct
+    canonical bins (narrowest first), `score(cfg)` its fitness."""
+    canon, rows = canonical_bins(space), np.arange(len(space))
+    choices = [np.unique(canon[g, lo:hi + 1]) for g, (lo, hi) in enumerate(zip(space.min_bins, space.max_bins))]
+    return Problem(choices, score, feasible=lambda cfgs: feasible(bounds, cfgs),
+                   canonical=lambda cfgs: canon[rows, cfgs])
+
+
 def _feasible_seeds(space, bounds, seeds) -> list:
     """The seeds that meet every constraint, in canonical form, without repeats, in order."""
     canon, rows = canonical_bins(space), np.arange(len(space))
@@ -436,19 +441,6 @@ def _initial_population(space, bounds, prior, size, window, rng, seeds=(), ancho
                         window[0], window[1], human(primary.metric, primary.limit), size)
     chosen.setdefault(space.min())  # the smallest configuration is always feasible
     return list(chosen)
-
-
-def _children(count, make, bounds, evaluated, rng) -> list:
-    """Up to `count` new feasible configurations, never evaluated before; `make(rng)` proposes
-    one, and each slot gets _CHILD_TRIES proposals."""
-    children = {}
-    for _ in range(count):
-        for _ in range(_CHILD_TRIES):
-            cfg = tuple(int(c) for c in make(rng))
-            if cfg not in evaluated and cfg not in children and feasible(bounds, np.array([cfg]))[0]:
-                children[cfg] = None
-                break
-    return list(children)
 
 
 def search(net: Supernet, budget, train_data, val_data, *, records=None, effort: float = 1.0,
@@ -494,56 +486,42 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
         shared = torch.as_tensor(prior, device=_device(net))
         dist.broadcast(shared, 0)
         prior = shared.cpu().numpy()
-    population = max(8, round(50 * effort))
-    generations = max(3, round(40 * effort))
-    top_k = max(3, round(10 * effort))
-    mutations = max(4, round(25 * effort))
-    crossovers = max(4, round(25 * effort))
+    evolution = Evolution.scaled(effort)
     rng = np.random.default_rng(seed)
     log.info("searching %s: population %d, %d generations, top %d, %d mutations + %d crossovers",
-             ", ".join(b.text for b in bounds), population, generations, top_k, mutations, crossovers)
+             ", ".join(b.text for b in bounds), evolution.population, evolution.generations, evolution.top_k,
+             evolution.mutations, evolution.crossovers)
 
     evaluated = {}  # cfg -> (left, right, alternate): the score cache; children are never re-scored
-    history = []
     rate = _rater(net, alternate, sides, train_data, calib_batches, metric, output_fn)
 
-    def evaluate(cfg, generation):
+    def evaluate(cfg):
         evaluated[cfg] = rate(cfg, val_data, max_val_batches)
-        left, right, other = evaluated[cfg]
-        history.append(Evaluated(cfg, left, right, float(space.flops(cfg)), float(space.params(cfg)), generation,
-                                 other))
+        return _fitness(evaluated[cfg], sides)
 
     def fitness(cfg):
         return _fitness(evaluated[cfg], sides)
 
-    canon, rows = canonical_bins(space), np.arange(len(space))
+    problem = width_problem(space, bounds, evaluate)
 
-    def mutate(rng):
-        parent = np.array(top[rng.integers(len(top))])
-        if len(anchors):
-            return canon[rows, local_moves(space, parent[None], rng.random((1, len(parent))))[0]]
-        redraw = rng.random(len(parent)) < _MUTATION_PROB
-        return canon[rows, np.where(redraw, _sample(prior, 1, rng)[0], parent)]
+    def local(parent, rng):
+        return local_moves(space, parent[None], rng.random((1, len(parent))))[0]
 
-    def cross(rng):
-        a, b = rng.choice(len(top), size=2, replace=False)
-        return canon[rows, np.where(rng.random(len(space)) < 0.5, top[a], top[b])]
+    bar = Progress(evolution.generations, "search", enabled=progress and rank == 0, log=log)
 
-    candidates = _initial_population(space, bounds, prior, population, window, rng, seeds, anchors)
-    top = []
-    bar = Progress(generations, "search", enabled=progress and rank == 0, log=log)
-    for generation in range(generations):
-        if generation > 0:
-            candidates = _children(mutations, mutate, bounds, evaluated, rng)
-            if len(top) > 1:
-                candidates += _children(crossovers, cross, bounds, evaluated.keys() | set(candidates), rng)
-        for cfg in candidates:
-            evaluate(cfg, generation)
-        top = sorted(evaluated, key=fitness, reverse=True)[:top_k]  # stable: ties keep first-seen
+    def report(generation, trace, top):
         bar.update(1, best=f"{fitness(top[0]):.4f}")
-        log.debug("generation %d: %d new candidates, best %.4f %s", generation, len(candidates),
-                  fitness(top[0]), top[0])
+        log.debug("generation %d: %d candidates scored, best %.4f %s", generation, len(trace), fitness(top[0]),
+                  top[0])
+
+    candidates = _initial_population(space, bounds, prior, evolution.population, window, rng, seeds, anchors)
+    trace = evolution.run(problem, rng, candidates, redraw=lambda n, rng: _sample(prior, n, rng),
+                          mutate=local if len(anchors) else None, on_round=report)
     bar.close()
+    history = [Evaluated(cfg, *evaluated[cfg][:2], float(space.flops(cfg)), float(space.params(cfg)), generation,
+                         evaluated[cfg][2]) for cfg, generation in zip(trace.cfgs, trace.rounds)]
+    top = sorted(evaluated, key=fitness, reverse=True)[:evolution.top_k]
+    canon, rows = canonical_bins(space), np.arange(len(space))
 
     best, finalists, guard = top[0], [], {}
     if final_data is not None:
