@@ -446,8 +446,9 @@ def _initial_population(space, bounds, prior, size, window, rng, seeds=(), ancho
 def search(net: Supernet, budget, train_data, val_data, *, records=None, effort: float = 1.0,
            window=(0.8, 1.0), seed: int = 0, calib_batches: int = 20, max_val_batches: int | None = None,
            sides=("left", "right"), progress: bool = True, metric: str = "top1", seeds=(),
-           final_data=None, output_fn=None, alternate: Supernet | None = None, anchors=()) -> SearchResult:
-    """Evolutionary width search on a trained supernet (METHOD section 6).
+           final_data=None, output_fn=None, alternate: Supernet | None = None, anchors=(),
+           searcher=None) -> SearchResult:
+    """Evolutionary width search on a trained supernet (METHOD section 6), or another searcher's.
 
     `budget`: a Budget or a string such as "flops<=50%,params<=2M". `train_data` supplies the BN
     calibration batches, `val_data` (held out, never the test set) the scores; both are iterables
@@ -469,7 +470,9 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
     `anchors`: configurations the supernet was trained around (samplers.TrainingWindow.anchors);
     when given, the initial population beyond the seeds and every mutation are local moves
     (samplers.local_moves) instead of draws from the prior, so the search stays where the
-    supernet's weights were trained.
+    supernet's weights were trained. `searcher`: None, the evolution above; or any searcher of
+    compressor.searchers (e.g. mcts.TreeSearch, RandomSearch): it starts from the feasible seeds,
+    scores as many candidates as its own `queries` say, and ignores the prior, window and anchors.
     """
     if not sides or any(side not in ("left", "right") for side in sides):
         raise ConfigError(f"sides must be a non-empty subset of ('left', 'right'), got {sides!r}")
@@ -488,9 +491,7 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
         prior = shared.cpu().numpy()
     evolution = Evolution.scaled(effort)
     rng = np.random.default_rng(seed)
-    log.info("searching %s: population %d, %d generations, top %d, %d mutations + %d crossovers",
-             ", ".join(b.text for b in bounds), evolution.population, evolution.generations, evolution.top_k,
-             evolution.mutations, evolution.crossovers)
+    log.info("searching %s: %s", ", ".join(b.text for b in bounds), searcher or evolution)
 
     evaluated = {}  # cfg -> (left, right, alternate): the score cache; children are never re-scored
     rate = _rater(net, alternate, sides, train_data, calib_batches, metric, output_fn)
@@ -507,16 +508,19 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
     def local(parent, rng):
         return local_moves(space, parent[None], rng.random((1, len(parent))))[0]
 
-    bar = Progress(evolution.generations, "search", enabled=progress and rank == 0, log=log)
+    bar = Progress(evolution.generations, "search", enabled=progress and rank == 0 and searcher is None, log=log)
 
     def report(generation, trace, top):
         bar.update(1, best=f"{fitness(top[0]):.4f}")
         log.debug("generation %d: %d candidates scored, best %.4f %s", generation, len(trace), fitness(top[0]),
                   top[0])
 
-    candidates = _initial_population(space, bounds, prior, evolution.population, window, rng, seeds, anchors)
-    trace = evolution.run(problem, rng, candidates, redraw=lambda n, rng: _sample(prior, n, rng),
-                          mutate=local if len(anchors) else None, on_round=report)
+    if searcher is None:
+        candidates = _initial_population(space, bounds, prior, evolution.population, window, rng, seeds, anchors)
+        trace = evolution.run(problem, rng, candidates, redraw=lambda n, rng: _sample(prior, n, rng),
+                              mutate=local if len(anchors) else None, on_round=report)
+    else:
+        trace = searcher.run(problem, rng, _feasible_seeds(space, bounds, seeds))
     bar.close()
     history = [Evaluated(cfg, *evaluated[cfg][:2], float(space.flops(cfg)), float(space.params(cfg)), generation,
                          evaluated[cfg][2]) for cfg, generation in zip(trace.cfgs, trace.rounds)]
