@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError
-from .searchers import Problem, Trace, _check_queries
+from .searchers import Problem, Trace, check_queries
 
 
 def _positive(name, value, allow_zero=True):
@@ -155,7 +155,7 @@ class TreeSearch:
     sharing: float = 10.0
 
     def __post_init__(self):
-        _check_queries(self.queries)
+        check_queries(self.queries)
         if isinstance(self.min_visits, bool) or not isinstance(self.min_visits, int) or self.min_visits < 1:
             raise ConfigError(f"min_visits must be a positive integer, got {self.min_visits!r}")
         _positive("exploration", self.exploration)

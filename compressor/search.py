@@ -16,7 +16,7 @@ from .distributed import rank_and_world
 from .errors import ConfigError, InfeasibleBudgetError
 from .progress import Progress
 from .samplers import local_moves
-from .searchers import _DRAW_BATCH, _DRAW_ROUNDS, Evolution, Problem
+from .searchers import DRAW_BATCH, DRAW_ROUNDS, Evolution, Problem
 from .space import WidthSpace
 from .supernet import Supernet
 from .batches import check_labels, logits, read_batches
@@ -425,8 +425,8 @@ def _initial_population(space, bounds, prior, size, window, rng, seeds=(), ancho
         sources = [lambda n, p=p: _sample(p, n, rng) for p in (prior, _uniform_prior(space))]
     for in_window in (True, False):
         for draw in sources:
-            for _ in range(_DRAW_ROUNDS):
-                cfgs = canon[rows, draw(max(_DRAW_BATCH, 20 * size))]
+            for _ in range(DRAW_ROUNDS):
+                cfgs = canon[rows, draw(max(DRAW_BATCH, 20 * size))]
                 ok = feasible(bounds, cfgs)
                 if in_window:
                     cost = primary.cost(cfgs)

@@ -16,8 +16,8 @@ import numpy as np
 from .errors import ConfigError
 
 _CHILD_TRIES = 10  # proposals per child slot before the slot is given up
-_DRAW_BATCH = 1000
-_DRAW_ROUNDS = 20
+DRAW_BATCH = 1000
+DRAW_ROUNDS = 20
 
 
 def _everything(cfgs):
@@ -97,8 +97,8 @@ def draw_distinct(problem: Problem, count: int, rng, draw=None, exclude=()) -> l
     `draw(n, rng)` (default: uniform)."""
     draw = draw or problem.uniform
     chosen = {}
-    for _ in range(_DRAW_ROUNDS):
-        cfgs = problem.canon(draw(max(_DRAW_BATCH, 20 * count), rng))
+    for _ in range(DRAW_ROUNDS):
+        cfgs = problem.canon(draw(max(DRAW_BATCH, 20 * count), rng))
         for cfg in cfgs[problem.feasible(cfgs)]:
             cfg = tuple(int(c) for c in cfg)
             if cfg not in exclude:
@@ -108,7 +108,7 @@ def draw_distinct(problem: Problem, count: int, rng, draw=None, exclude=()) -> l
     return list(chosen)
 
 
-def _check_queries(queries):
+def check_queries(queries):
     if queries is not None and (isinstance(queries, bool) or not isinstance(queries, int) or queries < 1):
         raise ConfigError(f"queries must be a positive integer or None, got {queries!r}")
 
@@ -120,7 +120,7 @@ class RandomSearch:
     queries: int = 1000
 
     def __post_init__(self):
-        _check_queries(self.queries)
+        check_queries(self.queries)
 
     def run(self, problem: Problem, rng: np.random.Generator, initial=()) -> Trace:
         trace = Trace()
@@ -128,9 +128,9 @@ class RandomSearch:
             if len(trace) < self.queries:
                 trace.query(problem, cfg)
         stale = 0
-        while len(trace) < self.queries and stale < _DRAW_ROUNDS:
+        while len(trace) < self.queries and stale < DRAW_ROUNDS:
             before = len(trace)
-            cfgs = problem.canon(problem.uniform(_DRAW_BATCH, rng))
+            cfgs = problem.canon(problem.uniform(DRAW_BATCH, rng))
             for cfg in cfgs[problem.feasible(cfgs)]:
                 if len(trace) < self.queries:
                     trace.query(problem, cfg, len(trace))
@@ -154,7 +154,7 @@ class Evolution:
     queries: int | None = None
 
     def __post_init__(self):
-        _check_queries(self.queries)
+        check_queries(self.queries)
 
     @classmethod
     def scaled(cls, effort: float = 1.0, **kwargs) -> "Evolution":
