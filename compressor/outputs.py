@@ -16,7 +16,7 @@ from .files import remove_temporaries
 
 log = logging.getLogger("compressor")
 # Every file a run may write at the top of out_dir (the others are left alone: they are the user's).
-ARTIFACTS = ("report.json", "model.pt", "pareto.png", "model.onnx", "model-*.onnx", "model-*.engine")
+ARTIFACTS = ("report.json", "model.pt", "supernet.pt", "pareto.png", "model.onnx", "model-*.onnx", "model-*.engine")
 STAGING = ".staging-"
 CHECKPOINTS = "checkpoints"
 
