@@ -18,6 +18,7 @@ from ._version import __version__
 from .config import CompressConfig
 from .errors import ConfigError
 from .files import write_text_atomic
+from .outputs import BUDGET_FOLDERS
 from .run_identity import check_same_run, plain, run_identity
 
 log = logging.getLogger("compressor")
@@ -169,4 +170,4 @@ def with_target(budget: str, target: str | None) -> str:
 def folder_name(budget) -> str:
     """budget-<the budget as a file name>: 'flops<=50%,latency<=2ms@ort-cpu' -> 'budget-flops50pct_latency2ms-ort-cpu'."""
     text = str(budget).replace("<=", "").replace("%", "pct").replace("@", "-").replace(",", "_")
-    return "budget-" + re.sub(r"[^A-Za-z0-9._-]", "-", text)
+    return BUDGET_FOLDERS + re.sub(r"[^A-Za-z0-9._-]", "-", text)

@@ -119,13 +119,16 @@ def test_bad_requests_fail_before_any_work(trained, tmp_path):
         search_trained(str(tmp_path), tiny(), ["flops<=40%"], quadrant_data(256))
 
 
-def test_a_folder_without_a_supernet_is_refused(tmp_path):
-    """A recon run trains no supernet; run over a bcnet run's folder, it removes that supernet.pt (not its own)."""
+def test_a_folder_without_a_supernet_is_refused(tmp_path, caplog):
+    """A recon run trains no supernet; run over a bcnet run's folder, it removes that supernet.pt (not its own)
+    and says that the models searched from it are left as they are."""
     cz.compress(tiny(), "flops<=50%", quadrant_data(256), out_dir=str(tmp_path), **dict(ANY_BUDGET, finetune_epochs=0))
     assert (tmp_path / "supernet.pt").exists()
+    search_trained(str(tmp_path), tiny(), ["flops<=40%"], quadrant_data(256), finetune_epochs=0, progress=False)
     cz.compress(tiny(), "flops<=50%", quadrant_data(256), out_dir=str(tmp_path),
                 **dict(ANY_BUDGET, method="recon", finetune_epochs=0))
-    assert not (tmp_path / "supernet.pt").exists()
+    assert not (tmp_path / "supernet.pt").exists() and (tmp_path / "budget-flops40pct" / "model.pt").exists()
+    assert "models searched from an earlier run's supernet.pt (budget-flops40pct)" in caplog.text
     with pytest.raises(cz.ConfigError, match="holds no trained supernet .*method 'recon', which trains no supernet.*"
                                              "method='bcnet'"):
         search_trained(str(tmp_path), tiny(), ["flops<=40%"], quadrant_data(256))
