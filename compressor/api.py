@@ -148,8 +148,9 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, config: Com
     The stages: prepare (inputs, width space, latency model, channel order), fit (the method's:
     train the supernet, search, slim), fine-tune (on all the training data, distilled from the
     original), measure, and outputs. With `out_dir`, writes report.json, model.pt (cz.load_slim),
-    pareto.png and the `export` artifacts, and keeps supernet checkpoints there so an interrupted
-    run resumes. The architecture must then be nameable for model.pt (`source`, e.g.
+    pareto.png, the `export` artifacts and, for a supernet method, supernet.pt (search_trained
+    searches it for other budgets without training again), and keeps supernet checkpoints there
+    so an interrupted run resumes. The architecture must then be nameable for model.pt (`source`, e.g.
     'torchvision:resnet18(num_classes=4)' or 'file.py:factory'; by default the spec cz.load_model
     recorded, a recognised torchvision / timm / project builder, or a class built without
     arguments), else ConfigError before any training. A checkpoint in out_dir is resumed only by
@@ -421,7 +422,7 @@ def _fit_supernet(ctx: FitContext, trained=None) -> Fitted:
         net, before, records, anchors = _restore(ctx, trained)
     # what search_trained needs, before the search recalibrates the supernet's BN statistics
     kept = None if trained is not None or not ctx.keep_supernet else {
-        "supernet": _cloned(net.model.state_dict()), "before": None if before is None else _cloned(before.model.state_dict()),
+        "supernet": _cloned(net.model), "before": None if before is None else _cloned(before.model),
         "records": [[float(l), list(c), s] for l, c, s in records], "anchors": [list(a) for a in anchors],
         "steps": steps}
     with clock("search"):
@@ -434,8 +435,8 @@ def _fit_supernet(ctx: FitContext, trained=None) -> Fitted:
     return Fitted(small, found, attempts, clock.timings, supernet=kept)
 
 
-def _cloned(state):
-    return {k: v.detach().clone() for k, v in state.items()}
+def _cloned(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _train(ctx, reference, clock):

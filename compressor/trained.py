@@ -155,7 +155,8 @@ def check_space(saved: dict, space, path: str):
     if now != saved["space"]:
         differ = [k for k in now if now[k] != saved["space"].get(k)]
         raise ConfigError(f"{path} was trained on another width space ({', '.join(differ)} differ; e.g. another "
-                          f"example input size): pass the example_input of the compress() run that wrote it (CLI: its --image-size)")
+                          f"example input size): pass the example_input of the compress() run that wrote it "
+                          f"(CLI: its --image-size)")
 
 
 def with_target(budget: str, target: str | None) -> str:
@@ -168,6 +169,7 @@ def with_target(budget: str, target: str | None) -> str:
 
 
 def folder_name(budget) -> str:
-    """budget-<the budget as a file name>: 'flops<=50%,latency<=2ms@ort-cpu' -> 'budget-flops50pct_latency2ms-ort-cpu'."""
+    """budget-<the budget as a file name>: 'flops<=50%,latency<=2ms@ort-cpu' ->
+    'budget-flops50pct_latency2ms-ort-cpu'."""
     text = str(budget).replace("<=", "").replace("%", "pct").replace("@", "-").replace(",", "_")
     return BUDGET_FOLDERS + re.sub(r"[^A-Za-z0-9._-]", "-", text)
