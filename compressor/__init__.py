@@ -23,7 +23,7 @@ _LAZY = {
     "SearchResult": "search", "recalibrate_bn": "search", "score": "search", "search": "search",
     "uniform_baseline": "search",
     "accuracy": "finetune", "finetune": "finetune",
-    "CompressionResult": "api", "compress": "api", "CompressConfig": "config",
+    "CompressionResult": "api", "compress": "api", "search_trained": "api", "CompressConfig": "config",
 }
 
 __all__ = ["CompressorError", "ConfigError", "InfeasibleBudgetError", "UnsupportedModelError", "__version__",

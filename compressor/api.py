@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import itertools
 import json
@@ -23,11 +24,12 @@ from .config import CHANNEL_ORDERS, CompressConfig
 from .cost import count_params, measure_flops
 from .data import train_val_split
 from .errors import ConfigError, InfeasibleBudgetError
-from .files import atomic_output, check_writable, write_text_atomic
+from .files import atomic_output, atomic_torch_save, check_writable, write_text_atomic
 from .finetune import accuracy, finetune
 from .formats import export_format
 from .latency import build_latency_model, runtime
 from . import outputs
+from . import trained as supernets
 from .methods import FitContext, Fitted, get_method
 from .models import name_architecture, unwrap
 from .reparam import finetune_repnas
@@ -74,6 +76,8 @@ class CompressionResult:
     paths: dict = field(default_factory=dict)
     search: dict = field(default_factory=dict, repr=False)
     reparam: dict | None = field(default=None, repr=False)  # reparam="repnas": the branches each layer got
+    # supernet methods: {"trained": True, "steps"} or, from search_trained, {"trained": False, "from": supernet.pt}
+    supernet: dict | None = None
 
     def meets_budget(self) -> bool:
         return all(self.result[m] <= limit for m, limit in self.limits.items())
@@ -144,8 +148,9 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, config: Com
     The stages: prepare (inputs, width space, latency model, channel order), fit (the method's:
     train the supernet, search, slim), fine-tune (on all the training data, distilled from the
     original), measure, and outputs. With `out_dir`, writes report.json, model.pt (cz.load_slim),
-    pareto.png and the `export` artifacts, and keeps supernet checkpoints there so an interrupted
-    run resumes. The architecture must then be nameable for model.pt (`source`, e.g.
+    pareto.png, the `export` artifacts and, for a supernet method, supernet.pt (search_trained
+    searches it for other budgets without training again), and keeps supernet checkpoints there
+    so an interrupted run resumes. The architecture must then be nameable for model.pt (`source`, e.g.
     'torchvision:resnet18(num_classes=4)' or 'file.py:factory'; by default the spec cz.load_model
     recorded, a recognised torchvision / timm / project builder, or a class built without
     arguments), else ConfigError before any training. A checkpoint in out_dir is resumed only by
@@ -159,12 +164,25 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, config: Com
     clock = Stopwatch()
     model = unwrap(model)
     with clock("prepare"):
-        run = _prepare(model, parse_budget(budget), train_data, val_data, cfg, clock, example_input=example_input,
-                       device=device, out_dir=out_dir, progress=progress, latency_options=latency_options,
-                       source=source, restart=restart, output_fn=output_fn)
-    ctx = run.context
+        run, = _prepare(model, [parse_budget(budget)], train_data, val_data, cfg, clock, example_input=example_input,
+                        device=device, out_dirs=[out_dir], progress=progress, latency_options=latency_options,
+                        source=source, restart=restart, output_fn=output_fn)
+    ctx = replace(run.context, keep_supernet=bool(out_dir))
     fitted = _fit_method(ctx) if ctx.method.fit else _fit_supernet(ctx)  # a method that is not a supernet
-    small, found = fitted.model, fitted.found                                 # replaces the whole step
+    trained = None                                                           # replaces the whole step
+    if fitted.supernet is not None:  # kept for search_trained: the run's identity, space, config, latency tables
+        trained = supernets.bundle(method=ctx.method.name, method_options=dataclasses.asdict(ctx.options), cfg=cfg,
+                                   identity=supernets.identity(model, train_data), space=ctx.space, budget=ctx.budget,
+                                   window=None if ctx.window is None else ctx.window.label, kept=fitted.supernet)
+    return _deliver(run, ctx, cfg, fitted, clock, out_dir, progress, output_fn, keep_checkpoints, trained,
+                    supernet=None if fitted.supernet is None else {"trained": True, "steps": fitted.supernet["steps"]})
+
+
+def _deliver(run, ctx, cfg, fitted, clock, out_dir, progress, output_fn, keep_checkpoints, trained=None,
+             supernet=None) -> CompressionResult:
+    """The stages after the fit: fine-tune, measure, and (with out_dir) the outputs; `trained`: the
+    supernet.pt to write with them; `supernet`: the report's note on the supernet."""
+    small, found = fitted.model, fitted.found
     clock.timings.update(fitted.timings)
     # a method that trains nothing of its own spends the supernet's epochs fine-tuning
     epochs = cfg.finetune_epochs + (cfg.supernet_epochs if ctx.method.finetunes_supernet_epochs else 0)
@@ -183,18 +201,74 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, config: Com
         model=small, widths=list(found.cfg), side=found.side, channels=ctx.space.channels(found.cfg),
         method=ctx.method.name, budget=str(ctx.budget), limits=ctx.limits, original=before, result=measured,
         supernet_score=found.score, timings={},
-        search=dict(found.to_dict(), latency_attempts=fitted.attempts), reparam=branches)
+        search=dict(found.to_dict(), latency_attempts=fitted.attempts), reparam=branches, supernet=supernet)
     if not result.meets_budget():  # the cost model is exact: this would be a bug, not a near miss
         raise RuntimeError(f"the slim model misses the budget: {measured} vs {ctx.limits}")
     if out_dir:
         with clock("outputs"):
             _write_outputs(result, small, run.source, ctx.space, found, constraints(ctx.space, ctx.budget),
-                           run.example, out_dir, cfg.export, ctx.train_data, keep_checkpoints)
+                           run.example, out_dir, cfg.export, ctx.train_data, keep_checkpoints, trained)
             outputs.finish_checkpoints(out_dir, keep_checkpoints)
     result.timings = clock.total()
     log.info("compressed: %s -> %s, %s -> %s", human("flops", before["flops"]), human("flops", measured["flops"]),
              human("params", before["params"]), human("params", measured["params"]))
     return result
+
+
+def search_trained(out_dir, model: nn.Module, budgets, train_data, val_data=None, *, target=None, example_input=None,
+                   device=None, progress=True, latency_options=None, source=None, output_fn=None,
+                   **options) -> dict:
+    """Search the supernet that compress(..., method="bcnet" or "ua", out_dir=out_dir) trained and
+    kept in out_dir/supernet.pt for each of `budgets` (strings such as "flops<=30%"), without
+    training it again; slim, fine-tune and write each result into its own folder
+    out_dir/budget-<budget> (report.json, model.pt, pareto.png, exports). Returns {budget:
+    CompressionResult}, keyed by each budget's normal form (str(parse_budget(b)), e.g. "flops<=30%").
+
+    Pass the same `model`, `train_data` and `example_input` as the compress() run (they are checked
+    against the saved identity: another model, other weights or other data raise ConfigError naming
+    what differs). `target`: the latency target of a latency budget that names none ("latency<=2ms").
+    `options`: CompressConfig fields; those that act after training (trained.SEARCH_OPTIONS: effort,
+    finetune_epochs, inherit, export, ...) may change, the others default to the trained run's and
+    must equal them. One latency model is built per target and serves every budget on it (with the
+    run's latency measurements restored into the cache). The user's model is never modified."""
+    saved = supernets.load(out_dir, device="cpu")
+    path = os.path.join(out_dir, supernets.FILE)
+    cfg = supernets.config(saved, path, options)
+    if isinstance(budgets, str):
+        budgets = [budgets]
+    parsed = [parse_budget(supernets.with_target(b, target)) for b in budgets]
+    if not parsed:
+        raise ConfigError("search_trained needs at least one budget, e.g. budgets=['flops<=30%', 'flops<=50%']")
+    if target is not None and not any(c.metric == "latency" for b in parsed for c in b):
+        raise ConfigError(f"target={target!r} names the target of latency budgets, but none of "
+                          f"{', '.join(map(str, parsed))} bounds latency: leave target out or give a latency budget")
+    folders = [os.path.join(out_dir, supernets.folder_name(b)) for b in parsed]
+    if len(set(folders)) < len(folders):
+        raise ConfigError(f"budgets {', '.join(map(str, parsed))} repeat one budget: give each once")
+    model = unwrap(model)
+    supernets.check_identity(saved, model, train_data, path)  # before any expensive work
+    supernets.restore_latency_caches(saved, latency_options)
+    clock = Stopwatch()
+    with clock("prepare"):
+        runs = _prepare(model, parsed, train_data, val_data, cfg, clock, example_input=example_input, device=device,
+                        out_dirs=folders, progress=progress, latency_options=latency_options, source=source,
+                        restart=False, output_fn=output_fn)
+    supernets.check_space(saved, runs[0].context.space, path)
+    ordered = copy.deepcopy(runs[0].context.model)  # the budgets share it: each search starts from this copy
+    if saved["window"] is not None and any(str(b) != saved["budget"] for b in parsed):
+        log.warning("the supernet in %s was trained on subnets near the budget %s (supernet_window %s): for other "
+                    "budgets it has seen few subnets; compress(..., supernet_window=None, supernet_sampling='window') "
+                    "trains one for any budget", path, saved["budget"], saved["window"])
+    results = {}
+    for run, folder in zip(runs, folders):
+        ctx = replace(run.context, model=copy.deepcopy(ordered))
+        fitted = _fit_supernet(ctx, trained=saved)
+        log.info("budget %s: searched the trained supernet of %s (no supernet training)", ctx.budget, path)
+        results[str(ctx.budget)] = _deliver(run, ctx, cfg, fitted, clock, folder, progress, output_fn, False,
+                                            supernet={"trained": False, "from": os.path.abspath(path), "steps": 0,
+                                                      "trained_for": saved["budget"]})
+        clock = Stopwatch()  # each budget's report times its own stages; the first also the shared prepare
+    return results
 
 
 @dataclass
@@ -210,13 +284,14 @@ class _Run:
     source: str | None     # the architecture's name for model.pt
 
 
-def _prepare(model, budget, train_data, val_data, cfg, clock, *, example_input, device, out_dir, progress,
-             latency_options, source, restart, output_fn) -> _Run:
+def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input, device, out_dirs, progress,
+             latency_options, source, restart, output_fn) -> list:
     """Every check that needs no training, the width space and its constraints (an infeasible
-    budget fails here), the latency model, and the channel order."""
+    budget fails here), the latency models, and the channel order: one _Run per budget (and its
+    out_dir, or None), sharing all but what depends on the budget (search_trained runs several)."""
     spec = get_method(cfg.method)
     options = spec.parse_options(cfg.method_options)
-    if cfg.export and not out_dir:
+    if cfg.export and not all(out_dirs):
         raise ConfigError("export needs out_dir: the artifacts are written there")
     inputs = check_inputs(model, train_data, val_data, example_input=example_input, batch_size=cfg.batch_size,
                           device=device, output_fn=output_fn, latency_options=latency_options,
@@ -224,7 +299,7 @@ def _prepare(model, budget, train_data, val_data, cfg, clock, *, example_input, 
     batches, device = inputs.options, inputs.device
     fit_data, held_out = train_val_split(inputs.train, cfg.search_fraction, cfg.seed, labels=inputs.labels)
     check_split(fit_data, held_out, batches, cfg.search_fraction)
-    if out_dir:
+    for out_dir in filter(None, out_dirs):
         check_writable(out_dir, 50 * 1024 * 1024)
         source = name_architecture(model, source)  # model.pt must be writable: fail before any training
         outputs.prepare(out_dir)
@@ -238,13 +313,15 @@ def _prepare(model, budget, train_data, val_data, cfg, clock, *, example_input, 
     with clock("analyze"):
         # groups whose slimming breaks a module are frozen now, not refused after training
         space = freeze_unsliceable(work, analyze(work, x, bins=cfg.bins, divisor=cfg.divisor, exclude=cfg.exclude))
-    latency = _latency_constraint(budget)
-    if latency is not None:
-        with clock("latency_model"):
-            build_latency_model(work, space, latency.target, progress=progress, **(latency_options or {}))
-    bounds = constraints(space, budget)  # raises InfeasibleBudgetError before any training
-    log.info("%d channel groups (%d frozen); budget %s", len(space), len(space.frozen),
-             ", ".join(f"{b.text}: {human(b.metric, b.limit)}" for b in bounds))
+    bounds_of = []
+    for budget in budgets:
+        latency = _latency_constraint(budget)
+        if latency is not None and latency.target not in space.latency_models:  # one table per target, any budgets
+            with clock("latency_model"):
+                build_latency_model(work, space, latency.target, progress=progress, **(latency_options or {}))
+        bounds_of.append(constraints(space, budget))  # raises InfeasibleBudgetError before any training
+        log.info("%d channel groups (%d frozen); budget %s", len(space), len(space.frozen),
+                 ", ".join(f"{b.text}: {human(b.metric, b.limit)}" for b in bounds_of[-1]))
 
     importance = None
     if cfg.channel_order != "none" or cfg.seed_population:
@@ -256,26 +333,31 @@ def _prepare(model, budget, train_data, val_data, cfg, clock, *, example_input, 
     unordered = None
     if cfg.channel_order != "none":
         unordered, work = work, order_channels(work, space, layout=layout, importance=importance)
-    context = FitContext(
-        model=work, unordered=unordered, space=space, train_data=fit_data, held_out=held_out, budget=budget,
+    shared = FitContext(
+        model=work, unordered=unordered, space=space, train_data=fit_data, held_out=held_out, budget=None,
         method=spec,
-        options=options, teacher=original if cfg.distill else None, latency=latency,
-        limits={b.metric: b.limit for b in bounds}, epochs=cfg.supernet_epochs, batch_size=batches.batch_size,
-        lr=cfg.lr, effort=cfg.effort, calib_batches=cfg.calib_batches, conv_impl=cfg.conv_impl,
-        checkpoint_dir=os.path.join(out_dir, outputs.CHECKPOINTS) if out_dir else None, seed=cfg.seed,
+        options=options, teacher=original if cfg.distill else None, epochs=cfg.supernet_epochs,
+        batch_size=batches.batch_size,
+        lr=cfg.lr, effort=cfg.effort, calib_batches=cfg.calib_batches, conv_impl=cfg.conv_impl, seed=cfg.seed,
         progress=progress, score_metric=cfg.score_metric, inherit=cfg.inherit, sides=cfg.sides, restart=restart,
         final_batches=cfg.final_batches, output_fn=output_fn, batches=batches, score_original=cfg.score_original,
-        window=_training_window(bounds, cfg.supernet_window, cfg.supernet_sampling), sampling=cfg.supernet_sampling,
-        reconstruct=cfg.reconstruct,
-        # the user's weights define the run (the ordered copy follows from them and the data)
-        # (train_supernet records the method, its options, the seed, batch size and lr itself)
-        identity=dict({k: v for k, v in cfg.identity().items() if k not in _TRAINER_RECORDS},
-                      weights=weights_hash(model), budget=str(budget), latency_options=latency_options),
-        # the seeds use the budget: uniform width too is widened, most important next channels first
-        seeds=[widen(space, uniform_baseline(space, budget), importance, budget),
-               importance_baseline(space, importance, budget)] if cfg.seed_population else [])
-    return _Run(context, inputs.train, batches, original, x, inputs.val_loader if inputs.val is not None else None,
-                before, source)
+        sampling=cfg.supernet_sampling, reconstruct=cfg.reconstruct)
+    runs, weights = [], weights_hash(model)
+    for budget, bounds, out_dir in zip(budgets, bounds_of, out_dirs):
+        context = replace(
+            shared, budget=budget, latency=_latency_constraint(budget), limits={b.metric: b.limit for b in bounds},
+            checkpoint_dir=os.path.join(out_dir, outputs.CHECKPOINTS) if out_dir else None,
+            window=_training_window(bounds, cfg.supernet_window, cfg.supernet_sampling),
+            # the user's weights define the run (the ordered copy follows from them and the data)
+            # (train_supernet records the method, its options, the seed, batch size and lr itself)
+            identity=dict({k: v for k, v in cfg.identity().items() if k not in _TRAINER_RECORDS},
+                          weights=weights, budget=str(budget), latency_options=latency_options),
+            # the seeds use the budget: uniform width too is widened, most important next channels first
+            seeds=[widen(space, uniform_baseline(space, budget), importance, budget),
+                   importance_baseline(space, importance, budget)] if cfg.seed_population else [])
+        runs.append(_Run(context, inputs.train, batches, original, x,
+                         inputs.val_loader if inputs.val is not None else None, before, source))
+    return runs
 
 
 _TRAINER_RECORDS = ("method", "method_options", "seed", "batch_size", "lr", "sides")
@@ -328,12 +410,39 @@ def _fit_method(ctx: FitContext) -> Fitted:
             return replace(fitted, attempts=attempts or fitted.attempts, timings=timings)
 
 
-def _fit_supernet(ctx: FitContext) -> Fitted:
+def _fit_supernet(ctx: FitContext, trained=None) -> Fitted:
     """The fit step of a supernet method: train the supernet, search it (again, with a tightened
-    limit, while the delivered model misses a latency budget) and slim the chosen configuration."""
+    limit, while the delivered model misses a latency budget) and slim the chosen configuration.
+    `trained`: a supernet.pt's content (search_trained): its weights replace the training."""
     clock, space = Stopwatch(), ctx.space
     reference = copy.deepcopy(ctx.model) if ctx.reconstruct != "none" else None  # the full model, untrained
-    net = supernet(ctx.model, space, impl=ctx.conv_impl)
+    if trained is None:
+        net, before, records, anchors, steps = _train(ctx, reference, clock)
+    else:
+        net, before, records, anchors = _restore(ctx, trained)
+    # what search_trained needs, before the search recalibrates the supernet's BN statistics
+    kept = None if trained is not None or not ctx.keep_supernet else {
+        "supernet": _cloned(net.model), "before": None if before is None else _cloned(before.model),
+        "records": [[float(l), list(c), s] for l, c, s in records], "anchors": [list(a) for a in anchors],
+        "steps": steps}
+    with clock("search"):
+        small, found, attempts = _search_and_slim(ctx, net, before, records, anchors)
+    if ctx.reconstruct == "final":
+        with clock("reconstruct"):  # the delivered configuration, from the weights before training
+            small = slim(reference, space, found.cfg, found.side)
+            reconstruct(small, reference, space, found.cfg, found.side, ctx.calibration())
+            found.inherited = "reconstructed"
+    return Fitted(small, found, attempts, clock.timings, supernet=kept)
+
+
+def _cloned(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _train(ctx, reference, clock):
+    """(supernet, supernet over the weights before training or None, records, anchors, steps): the
+    anchor, its reconstruction and the supernet training."""
+    net = supernet(ctx.model, ctx.space, impl=ctx.conv_impl)
     window = ctx.window
     if ctx.sampling == "anchored" and window is not None and ctx.seeds:
         with clock("anchor"):
@@ -343,22 +452,29 @@ def _fit_supernet(ctx: FitContext) -> Fitted:
             with clock("reconstruct"):  # ctx.model holds net's parameters: the supernet starts there
                 _reconstruct_anchor(ctx, net, reference, anchor, anchor_score)
     # training changes ctx.model: a supernet over a copy keeps the weights before it
-    before = supernet(copy.deepcopy(ctx.model), space, impl=ctx.conv_impl) if ctx.inherit != "supernet" else None
+    before = supernet(copy.deepcopy(ctx.model), ctx.space, impl=ctx.conv_impl) if ctx.inherit != "supernet" else None
     with clock("supernet"):
         trained = train_supernet(net, ctx.batched(ctx.train_data), method=ctx.method, method_options=ctx.options,
                                  epochs=ctx.epochs, batch_size=ctx.batch_size, lr=ctx.lr, teacher=ctx.teacher,
                                  seed=ctx.seed, progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir,
                                  restart=ctx.restart, identity=ctx.identity, output_fn=ctx.output_fn,
                                  window=window, sides=ctx.sides)
-    with clock("search"):
-        small, found, attempts = _search_and_slim(ctx, net, before, trained.records,
-                                                  window.anchors if window is not None else ())
-    if ctx.reconstruct == "final":
-        with clock("reconstruct"):  # the delivered configuration, from the weights before training
-            small = slim(reference, space, found.cfg, found.side)
-            reconstruct(small, reference, space, found.cfg, found.side, ctx.calibration())
-            found.inherited = "reconstructed"
-    return Fitted(small, found, attempts, clock.timings)
+    return net, before, trained.records, window.anchors if window is not None else (), trained.steps
+
+
+def _restore(ctx, trained):
+    """(supernet, supernet over the weights before training or None, records, anchors) from a
+    supernet.pt: the trained budget's anchors only for that budget (elsewhere they may be infeasible)."""
+    untrained = copy.deepcopy(ctx.model) if ctx.inherit != "supernet" else None
+    ctx.model.load_state_dict(trained["supernet"])  # the channel-ordered model: the same keys and shapes
+    net = supernet(ctx.model, ctx.space, impl=ctx.conv_impl)
+    before = None
+    if ctx.inherit != "supernet":  # trained.config() checked that the run kept them
+        untrained.load_state_dict(trained["before"])
+        before = supernet(untrained, ctx.space, impl=ctx.conv_impl)
+    records = [(loss, tuple(cfg), side) for loss, cfg, side in trained["records"]]
+    anchors = [tuple(a) for a in trained.get("anchors", ())] if str(ctx.budget) == trained["budget"] else ()
+    return net, before, records, anchors
 
 
 def _best_seed(ctx, net):
@@ -498,9 +614,13 @@ def _delivery_check(small, space, found, latency, limit, search_budget, attempts
     return budget
 
 
-def _write_outputs(result, small, source, space, found, bounds, x, out_dir, export, calib_data, keep_checkpoints):
+def _write_outputs(result, small, source, space, found, bounds, x, out_dir, export, calib_data, keep_checkpoints,
+                   trained=None):
     paths = result.paths
     with outputs.Staging(out_dir) as stage:
+        if trained is not None:  # data only (weights_only=True): search_trained reads it back
+            atomic_torch_save(trained, stage.path(supernets.FILE))
+            paths["supernet"] = stage.final(stage.path(supernets.FILE))
         save_slim(small, stage.path("model.pt"), source=source)
         paths["model"] = stage.final(stage.path("model.pt"))
         history = [dict(e, score=(e["score_left"] + e["score_right"]) / 2 if e["score_right"] == e["score_right"]

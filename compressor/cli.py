@@ -1,4 +1,4 @@
-"""The `compressor` command: demo, analyze, compress, export, bench."""
+"""The `compressor` command: demo, analyze, compress, search, export, bench."""
 from __future__ import annotations
 
 import argparse
@@ -105,6 +105,25 @@ def compress_config(args) -> CompressConfig:
                                 reparam_options=_method_options(args.reparam_option, "--reparam-option") or None,
                                 export=tuple(e for e in args.export.split(",") if e))
 
+
+def cmd_search(args):
+    from .api import search_trained
+    from .data import image_folder
+    options = {name: getattr(args, name) for name in _SEARCH_ARGS if getattr(args, name) is not None}
+    if args.export is not None:
+        options["export"] = tuple(e for e in args.export.split(",") if e)
+    model, x = _model_and_input(args.model, args.weights, args.image_size)
+    train_dir, val_dir = _split_folder(args.data)
+    train = image_folder(train_dir, args.image_size)
+    val = image_folder(val_dir, args.image_size) if val_dir else None
+    results = search_trained(getattr(args, "from"), model, args.budget, train, val, target=args.target, example_input=x,
+                             device=args.device, progress=not args.quiet, **options)
+    print(json.dumps({budget: {k: getattr(r, k) for k in ("widths", "side", "original", "result", "limits", "paths")}
+                      for budget, r in results.items()}, indent=1))
+
+
+# the search flags: options a search of a trained supernet may change (None: the trained run's)
+_SEARCH_ARGS = ("effort", "finetune_epochs", "finetune_lr", "inherit", "score_metric")
 
 # the compress flags that are CompressConfig fields of the same name (None: the config's default)
 _CONFIG_ARGS = ("method", "supernet_epochs", "finetune_epochs", "batch_size", "lr", "finetune_lr", "effort",
@@ -244,6 +263,23 @@ def build_parser():
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the supernet checkpoints in --out after success (default: removed)")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("search", help="search the supernet a compress run (--method bcnet or ua) kept in --from for "
+                       "more budgets, without training it again: each into --from/budget-<budget>/")
+    model_args(p)
+    p.add_argument("--from", required=True, metavar="OUT", help="the --out folder of that compress run (supernet.pt)")
+    p.add_argument("--data", required=True, help="the compress run's --data (checked: the same images)")
+    p.add_argument("--budget", required=True, action="append", help="e.g. 'flops<=30%%'; repeatable")
+    p.add_argument("--target", choices=LATENCY_TARGETS,
+                   help="the target of latency budgets that name none, e.g. --budget 'latency<=2ms' --target ort-cpu")
+    p.add_argument("--effort", type=float, help="search effort (default: the compress run's)")
+    p.add_argument("--finetune-epochs", type=float, help="default: the compress run's")
+    p.add_argument("--finetune-lr", type=float, help="default: the compress run's")
+    p.add_argument("--inherit", choices=INHERIT, help="default: the compress run's")
+    p.add_argument("--score-metric", choices=SCORE_METRICS, help="default: the compress run's")
+    p.add_argument("--export", help=f"comma-separated: {', '.join(EXPORT_FORMATS)} (default: the compress run's)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("export", help="export a slim model (model.pt from save_slim) to ONNX or TensorRT")
     p.add_argument("model", help="a .pt file written by compressor (save_slim)")

@@ -16,9 +16,10 @@ from .files import remove_temporaries
 
 log = logging.getLogger("compressor")
 # Every file a run may write at the top of out_dir (the others are left alone: they are the user's).
-ARTIFACTS = ("report.json", "model.pt", "pareto.png", "model.onnx", "model-*.onnx", "model-*.engine")
+ARTIFACTS = ("report.json", "model.pt", "supernet.pt", "pareto.png", "model.onnx", "model-*.onnx", "model-*.engine")
 STAGING = ".staging-"
 CHECKPOINTS = "checkpoints"
+BUDGET_FOLDERS = "budget-"  # search_trained's folders, one per budget (trained.folder_name)
 
 
 def _artifacts(folder):
@@ -35,6 +36,11 @@ def prepare(out_dir):
             log.info("removed %s, left by an interrupted run", os.path.join(out_dir, name))
     for pattern in ARTIFACTS:
         remove_temporaries(out_dir, pattern)
+    searched = sorted(n for n in os.listdir(out_dir) if n.startswith(BUDGET_FOLDERS)
+                      and os.path.isdir(os.path.join(out_dir, n)))
+    if searched:  # the user's results: kept, but they no longer match the supernet.pt beside them
+        log.warning("%s holds models searched from an earlier run's supernet.pt (%s): this run replaces or removes "
+                    "that file; they are left as they are", out_dir, ", ".join(searched))
     earlier = _artifacts(out_dir)
     if earlier:
         log.warning("%s holds the artifacts of an earlier run (%s): this run replaces them when it succeeds",

@@ -91,7 +91,7 @@ NAMES = {"architecture": "the model architecture", "weights": "the model weights
          "teacher": "the distillation teacher"}  # hashes: named, not printed
 
 
-def check_same_run(saved: dict, current: dict, path: str, fix: str):
+def check_same_run(saved: dict, current: dict, path: str, fix: str, what="the checkpoint of another run"):
     """Raise ConfigError naming every part in which the run that wrote `path` differs from this one."""
     if saved == current:
         return
@@ -100,4 +100,4 @@ def check_same_run(saved: dict, current: dict, path: str, fix: str):
         was, now = saved.get(key, "<not recorded>"), current.get(key, "<not recorded>")
         if was != now:
             differ.append(NAMES[key] if key in NAMES else f"{key} ({was!r} then, {now!r} now)")
-    raise ConfigError(f"{path} is the checkpoint of another run: {', '.join(differ)} differ. {fix}")
+    raise ConfigError(f"{path} is {what}: {', '.join(differ)} differ. {fix}")

@@ -46,9 +46,11 @@ def test_compress_writes_its_outputs(bcnet_run):
         assert torch.equal(loaded(x), result.model.eval()(x))
     assert os.path.isfile(result.paths["onnx"])
     assert not (out / "checkpoints").exists()  # removed after success (keep_checkpoints=False)
-    assert sorted(os.listdir(out)) == ["model.onnx", "model.pt", "pareto.png", "report.json"]
-    assert report["paths"] == {k: str(out / v) for k, v in [("model", "model.pt"), ("pareto", "pareto.png"),
-                                                           ("onnx", "model.onnx"), ("report", "report.json")]}
+    # supernet.pt: the trained supernet, for searches of other budgets (test_trained.py)
+    assert sorted(os.listdir(out)) == ["model.onnx", "model.pt", "pareto.png", "report.json", "supernet.pt"]
+    assert report["paths"] == {k: str(out / v) for k, v in [("supernet", "supernet.pt"), ("model", "model.pt"),
+                                                           ("pareto", "pareto.png"), ("onnx", "model.onnx"),
+                                                           ("report", "report.json")]}
 
 
 def test_ua_baseline_runs_left_only(pretrained):

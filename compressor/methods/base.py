@@ -115,6 +115,7 @@ class FitContext:
     unordered: Any = None       # the model in its own channel order (None: channel_order "none")
     batches: Any = None         # how to batch train_data/held_out (validate.LoaderOptions: the user's
                                 # DataLoader settings or compress's batch_size); None: batch_size
+    keep_supernet: bool = False  # keep the trained supernet in Fitted.supernet (compress with out_dir)
 
 
     def batched(self, data, shuffle=False, seed=0):
@@ -142,3 +143,4 @@ class Fitted:
     found: Any
     attempts: list = dataclasses.field(default_factory=list)
     timings: dict = dataclasses.field(default_factory=dict)
+    supernet: dict | None = None  # supernet methods with ctx.keep_supernet: weights, records, anchors, steps
