@@ -352,7 +352,7 @@ def _fit_supernet(ctx: FitContext) -> Fitted:
                                  window=window, sides=ctx.sides)
     with clock("search"):
         small, found, attempts = _search_and_slim(ctx, net, before, trained.records,
-                                                  window.anchors if window is not None else ())
+                                                  window.anchors if window is not None else (), trained.sampler)
     if ctx.reconstruct == "final":
         with clock("reconstruct"):  # the delivered configuration, from the weights before training
             small = slim(reference, space, found.cfg, found.side)
@@ -390,9 +390,10 @@ def _reconstruct_anchor(ctx, net, reference, anchor, score_before):
         ctx.model.load_state_dict(saved)
 
 
-def _search_and_slim(ctx, net, before, records, anchors=()):
+def _search_and_slim(ctx, net, before, records, anchors=(), sampler=None):
     """Search the trained supernet and slim the chosen configuration; with a latency budget, again
-    with a tightened limit while the delivered model misses it."""
+    with a tightened limit while the delivered model misses it. `sampler`: the trained one, which
+    the method's searcher_kwargs may hand the searcher."""
     space = ctx.space
     calib, scoring = ctx.calibration(), ctx.batched(ctx.held_out)
     search_budget, attempts = ctx.budget, []
@@ -402,7 +403,8 @@ def _search_and_slim(ctx, net, before, records, anchors=()):
                                     sides=ctx.sides or ctx.method.sides, progress=ctx.progress,
                                     metric=ctx.score_metric, seeds=ctx.seeds, output_fn=ctx.output_fn,
                                     final_data=_second_look(calib, ctx.calib_batches, ctx.final_batches),
-                                    alternate=before if ctx.score_original else None, anchors=anchors)
+                                    alternate=before if ctx.score_original else None, anchors=anchors,
+                                    **ctx.method.searcher_kwargs(ctx.options, sampler))
         source, found.inherited = _inheritance(net, before, found, ctx.inherit, calib, scoring,
                                                ctx.calib_batches, ctx.score_metric, ctx.output_fn)
         # the slim model inherits BN statistics calibrated for its configuration
