@@ -417,16 +417,16 @@ def _fit_supernet(ctx: FitContext, trained=None) -> Fitted:
     clock, space = Stopwatch(), ctx.space
     reference = copy.deepcopy(ctx.model) if ctx.reconstruct != "none" else None  # the full model, untrained
     if trained is None:
-        net, before, records, anchors, steps = _train(ctx, reference, clock)
-    else:
-        net, before, records, anchors = _restore(ctx, trained)
+        net, before, records, anchors, steps, sampler = _train(ctx, reference, clock)
+    else:  # a restored supernet has no trained sampler (mctnas: its search starts from the seeds)
+        (net, before, records, anchors), sampler = _restore(ctx, trained), None
     # what search_trained needs, before the search recalibrates the supernet's BN statistics
     kept = None if trained is not None or not ctx.keep_supernet else {
         "supernet": _cloned(net.model), "before": None if before is None else _cloned(before.model),
         "records": [[float(l), list(c), s] for l, c, s in records], "anchors": [list(a) for a in anchors],
         "steps": steps}
     with clock("search"):
-        small, found, attempts = _search_and_slim(ctx, net, before, records, anchors)
+        small, found, attempts = _search_and_slim(ctx, net, before, records, anchors, sampler)
     if ctx.reconstruct == "final":
         with clock("reconstruct"):  # the delivered configuration, from the weights before training
             small = slim(reference, space, found.cfg, found.side)
@@ -440,8 +440,8 @@ def _cloned(model):
 
 
 def _train(ctx, reference, clock):
-    """(supernet, supernet over the weights before training or None, records, anchors, steps): the
-    anchor, its reconstruction and the supernet training."""
+    """(supernet, supernet over the weights before training or None, records, anchors, steps, the
+    trained sampler): the anchor, its reconstruction and the supernet training."""
     net = supernet(ctx.model, ctx.space, impl=ctx.conv_impl)
     window = ctx.window
     if ctx.sampling == "anchored" and window is not None and ctx.seeds:
@@ -459,7 +459,8 @@ def _train(ctx, reference, clock):
                                  seed=ctx.seed, progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir,
                                  restart=ctx.restart, identity=ctx.identity, output_fn=ctx.output_fn,
                                  window=window, sides=ctx.sides)
-    return net, before, trained.records, window.anchors if window is not None else (), trained.steps
+    return (net, before, trained.records, window.anchors if window is not None else (), trained.steps,
+            trained.sampler)
 
 
 def _restore(ctx, trained):
@@ -506,9 +507,10 @@ def _reconstruct_anchor(ctx, net, reference, anchor, score_before):
         ctx.model.load_state_dict(saved)
 
 
-def _search_and_slim(ctx, net, before, records, anchors=()):
+def _search_and_slim(ctx, net, before, records, anchors=(), sampler=None):
     """Search the trained supernet and slim the chosen configuration; with a latency budget, again
-    with a tightened limit while the delivered model misses it."""
+    with a tightened limit while the delivered model misses it. `sampler`: the trained one, which
+    the method's searcher_kwargs may hand the searcher."""
     space = ctx.space
     calib, scoring = ctx.calibration(), ctx.batched(ctx.held_out)
     search_budget, attempts = ctx.budget, []
@@ -518,7 +520,8 @@ def _search_and_slim(ctx, net, before, records, anchors=()):
                                     sides=ctx.sides or ctx.method.sides, progress=ctx.progress,
                                     metric=ctx.score_metric, seeds=ctx.seeds, output_fn=ctx.output_fn,
                                     final_data=_second_look(calib, ctx.calib_batches, ctx.final_batches),
-                                    alternate=before if ctx.score_original else None, anchors=anchors)
+                                    alternate=before if ctx.score_original else None, anchors=anchors,
+                                    **ctx.method.searcher_kwargs(ctx.options, sampler))
         source, found.inherited = _inheritance(net, before, found, ctx.inherit, calib, scoring,
                                                ctx.calib_batches, ctx.score_metric, ctx.output_fn)
         # the slim model inherits BN statistics calibrated for its configuration

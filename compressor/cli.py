@@ -219,7 +219,7 @@ def build_parser():
     p.add_argument("--divisor", type=divisor_arg, default="auto", help="an integer, or auto (default)")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("compress", help="compress a model to a budget (default method: recon; bcnet, ua, dagger)")
+    p = sub.add_parser("compress", help="compress a model to a budget (default method: recon; bcnet, ua, mctnas, dagger)")
     model_args(p)
     p.add_argument("--data", required=True, help="an ImageFolder directory, or one with train/ and val/ (or test/)")
     p.add_argument("--budget", required=True, help="e.g. 'flops<=50%%' or 'flops<=50%%,params<=2.5M'")

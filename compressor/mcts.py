@@ -7,15 +7,20 @@ node few candidates passed through is judged by what its choice did elsewhere. H
 selection (the search): from the root, give every open child of the current node a few visits,
 then descend into the best one; each descent ends in new candidates.
 
+`TreeSampler` is the supernet training sampler (method "mctnas", compressor/methods/mctnas.py).
 Choices where the paper is silent are marked (choice)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .errors import ConfigError
+from .samplers import BCNetSampler, TrainingWindow
+from .search import width_problem
 from .searchers import Problem, Trace, check_queries
 
 
@@ -30,12 +35,16 @@ class MonteCarloTree:
     node communication, and the nodes whose feasible candidates have all been scored ("closed").
     `exploration`: UCT's constant on rewards scaled to [0, 1] by the range seen so far (choice: the
     scores' own scale is arbitrary). `sharing`: how many visits' weight the (group, choice) mean
-    has in a node's value (0: no communication)."""
+    has in a node's value (0: no communication). `floor(cfgs) -> (B,) bool`: a lower bound a
+    candidate must also meet (supernet training's window); a child is kept when its costliest
+    completion meets it, and a node found to have no candidate between both bounds is "dead"."""
 
-    def __init__(self, problem: Problem, exploration: float = 0.5, sharing: float = 10.0):
+    def __init__(self, problem: Problem, exploration: float = 0.5, sharing: float = 10.0, floor=None):
         _positive("exploration", exploration)
         _positive("sharing", sharing)
         self.problem = problem
+        self.floor = floor
+        self.dead = set()
         self.exploration = float(exploration)
         self.sharing = float(sharing)
         self.visits, self.totals = {}, {}  # prefix -> count, sum of rewards; () is the root
@@ -89,16 +98,43 @@ class MonteCarloTree:
         parent = self.visits.get(node[:-1], 0)
         return self.value(node) + self.exploration * math.sqrt(math.log(parent + 1) / (self.visits.get(node, 0) + 1))
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a later draw depends on, as lists and numbers (a weights_only checkpoint);
+        nodes in insertion order, so a restored tree breaks ties as the saved one did."""
+        return {"nodes": [list(n) for n in self.visits], "visits": list(self.visits.values()),
+                "totals": [self.totals[n] for n in self.visits],
+                "shared_visits": [list(g.values()) for g in self.shared_visits],
+                "shared_totals": [list(g.values()) for g in self.shared_totals],
+                "closed": [list(n) for n in self.closed], "dead": [list(n) for n in self.dead],
+                "low": self.low, "high": self.high}
+
+    def load_state_dict(self, state: dict):
+        if [len(g) for g in state["shared_visits"]] != [len(g) for g in self.problem.choices]:
+            raise ConfigError("the tree statistics are of another search space (groups or choices differ)")
+        nodes = [tuple(n) for n in state["nodes"]]
+        self.visits, self.totals = dict(zip(nodes, state["visits"])), dict(zip(nodes, state["totals"]))
+        self.shared_visits = [dict(zip(g, v)) for g, v in zip(self.problem.choices, state["shared_visits"])]
+        self.shared_totals = [dict(zip(g, v)) for g, v in zip(self.problem.choices, state["shared_totals"])]
+        self.closed = {tuple(n) for n in state["closed"]}
+        self.dead = {tuple(n) for n in state["dead"]}
+        self.low, self.high = state["low"], state["high"]
+
     # -- the tree's shape ----------------------------------------------------------------------
     def children(self, node: tuple) -> tuple:
         """The choices of the next group after `node` that lead to a feasible candidate: the node
-        completed with the cheapest later choices is feasible (Problem.choices)."""
+        completed with the cheapest later choices is feasible (Problem.choices); with a floor, the
+        one completed with the costliest later choices meets it too; dead nodes left out."""
         if node not in self._children:
             depth, cheapest = len(node), self.problem.cheapest()
             options = self.problem.choices[depth]
             cfgs = np.array([node + (c,) + cheapest[depth + 1:] for c in options], dtype=np.int64)
-            self._children[node] = tuple(c for c, ok in zip(options, self.problem.feasible(cfgs)) if ok)
-        return self._children[node]
+            ok = self.problem.feasible(cfgs)
+            if self.floor is not None:
+                costliest = tuple(group[-1] for group in self.problem.choices)
+                ok &= self.floor(np.array([node + (c,) + costliest[depth + 1:] for c in options], dtype=np.int64))
+            self._children[node] = tuple(c for c, keep in zip(options, ok) if keep)
+        return tuple(c for c in self._children[node] if node + (c,) not in self.dead)
 
     def open_children(self, node: tuple) -> list:
         return [c for c in self.children(node) if node + (c,) not in self.closed]
@@ -124,11 +160,16 @@ class MonteCarloTree:
         """A full candidate below `node`, choosing each later group by UCT; `open_only`: among
         children not yet closed (the search: every dive a new candidate); else among all feasible
         ones (training: a configuration may be trained again)."""
-        node = tuple(node)
+        start = node = tuple(node)
         while len(node) < len(self.problem):
             options = self.open_children(node) if open_only else list(self.children(node))
             if not options:
-                raise ConfigError(f"no open candidate below {node}: the tree is exhausted there")
+                if open_only or node == start:
+                    raise ConfigError(f"no open candidate below {node}: the tree is exhausted there")
+                # between two bounds (a floor) a prefix can have no candidate: never enter it again
+                self.dead.add(node)
+                node = start
+                continue
             node = node + (self._pick(node, options, self.uct, rng),)
         return node
 
@@ -200,3 +241,68 @@ class TreeSearch:
             if on_round is not None:
                 on_round(round_, trace, tree)
         return trace
+
+
+# (choice) the reward's baseline: an exponential average of the step losses with this momentum
+BASELINE_MOMENTUM = 0.9
+
+
+def _unscored(cfg):
+    raise ConfigError("the training tree scores nothing: its rewards come from the training losses")
+
+
+class TreeSampler(BCNetSampler):
+    """MCT-NAS supernet training: each step trains one configuration drawn by UCT from a
+    MonteCarloTree over the search's choices (canonical bins per group), on `sides`; `observe`
+    backs the step's training loss up its path. With a window, the tree keeps to it (the window's
+    constraints as the tree's feasibility, its lower bound as the floor); where no draw can meet
+    both, the window's random draw (BCNetSampler) is trained and backed up instead. The window's
+    anchors are not used: the tree itself decides where the steps go.
+    Reward (choice): (b - loss) / b with b an exponential average of the losses of the steps before
+    (BASELINE_MOMENTUM): the loss falls as training goes on, so a raw -loss would favour whatever
+    the late steps drew; relative to the recent average, a reward says how the configuration did
+    against the ones trained around the same time."""
+    method = "mctnas"
+
+    def __init__(self, space, seed=0, window: TrainingWindow | None = None, sides=("left", "right"),
+                 exploration: float = 0.5, sharing: float = 10.0):
+        super().__init__(space, seed, complementary=False, window=window, sides=sides)
+        problem = width_problem(space, (), _unscored)
+        floor = None
+        if window is not None:
+            problem = dataclasses.replace(problem, feasible=window.feasible)
+            floor = (lambda cfgs: window.cost(cfgs) >= window.low) if window.low > 0 else None
+        self.problem = problem
+        self.tree = MonteCarloTree(problem, exploration, sharing, floor=floor)
+        self.baseline = None
+
+    def random_cfg(self):
+        """A UCT dive from the root (ties broken by a draw from the sampler's generator, so its state
+        is the whole random state); the window's random draw where the tree has no candidate."""
+        rng = np.random.default_rng(int(torch.randint(2 ** 62, (1,), generator=self.generator)))
+        try:
+            return self.tree.dive((), rng, open_only=False)
+        except ConfigError:  # every path is dead: the window holds no candidate the tree can reach
+            return tuple(int(c) for c in self.problem.canon(np.array([super().random_cfg()]))[0])
+
+    def observe(self, losses):
+        """Back up one step's training losses [(loss, cfg, side)]: the mean over the sides of each
+        configuration (under DDP, the mean over ranks: train_supernet all-reduces them, so every
+        rank's tree stays the same)."""
+        per_cfg = {}
+        for loss, cfg, _ in losses:
+            per_cfg.setdefault(tuple(int(c) for c in cfg), []).append(float(loss))
+        for cfg, values in per_cfg.items():
+            loss = sum(values) / len(values)
+            if self.baseline is None:
+                self.baseline = loss
+            self.tree.update(self.problem.canon(np.array([cfg]))[0], (self.baseline - loss) / max(self.baseline, 1e-12))
+            self.baseline = BASELINE_MOMENTUM * self.baseline + (1 - BASELINE_MOMENTUM) * loss
+
+    def state_dict(self):
+        return dict(super().state_dict(), tree=self.tree.state_dict(), baseline=self.baseline)
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.tree.load_state_dict(state["tree"])
+        self.baseline = state["baseline"]

@@ -65,6 +65,7 @@ class TrainResult:
     final_loss: float
     records: list = field(repr=False)
     checkpoint: str | None = None
+    sampler: object = field(default=None, repr=False)  # the trained sampler (mctnas: its tree feeds the search)
 
 
 def _as_dataset(train_data, batch_size):
@@ -223,6 +224,12 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
             losses.append((ce.item(), cfg, side))
         optimizer.step()
         scheduler.step()
+        if hasattr(sampler, "observe"):  # a sampler that learns from the losses (mctnas)
+            if world > 1:  # the mean over ranks, so every rank's sampler stays the same
+                mean = torch.tensor([l for l, _, _ in losses], dtype=torch.float64, device=device)
+                dist.all_reduce(mean)
+                losses = [(l / world, c, s) for l, (_, c, s) in zip(mean.tolist(), losses)]
+            sampler.observe(losses)
         for ce, cfg, side in losses:
             if spec.record(cfg, net.space):
                 records.add(ce, cfg, side)
@@ -238,5 +245,5 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
     save(total)
     seconds = time.time() - t0
     log.info("trained %s supernet: %d steps in %.1fs, last loss %.3f", method, total - start, seconds, running)
-    return TrainResult(method, total, seconds, running, records.items(), path)
+    return TrainResult(method, total, seconds, running, records.items(), path, sampler)
 

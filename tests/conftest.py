@@ -101,6 +101,19 @@ def write_image_folder(root, data):
         Image.fromarray(np.ascontiguousarray(pixels)).save(folder / f"{i}.png")
 
 
+def torchrun(folder, script, port, processes=2):
+    """Run the text `script` (a template whose {tests} is this folder) under torchrun with `processes`
+    processes on `port`, its one argument `folder` (where it writes); raises when a process fails."""
+    import shutil
+    import subprocess
+    import sys
+    path = folder / "ddp.py"
+    path.write_text(script.format(tests=TESTS))
+    launcher = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    subprocess.run([launcher, "--nproc_per_node", str(processes), "--master_port", str(port), str(path), str(folder)],
+                   check=True, timeout=300)
+
+
 def tinynet_file(folder):
     """A model spec for the CLI, 'FILE:build': a .py file in `folder` whose build() makes TinyNet(width=8)."""
     path = folder / "net.py"

@@ -1,7 +1,6 @@
 """Supernet training on a real (small) network and data: learning, fairness, exact resume after
 SIGKILL, DDP under torchrun, bad input."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import torch
 import compressor as cz
 from compressor.samplers import BCNetSampler, SandwichSampler
 from compressor.train import CHECKPOINT, TrainingDivergedError, _check_writable
-from conftest import TinyNet, quadrant_data
+from conftest import TinyNet, quadrant_data, torchrun
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 X = torch.randn(1, 3, 16, 16)
@@ -199,11 +198,7 @@ dist.destroy_process_group()
 
 
 def test_ddp_two_processes_train_the_same_configurations(tmp_path):
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(tests=TESTS))
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(script), str(tmp_path)],
-                   check=True, timeout=300)
+    torchrun(tmp_path, DDP_SCRIPT, 29517)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert len(r0["seen"]) >= 12 and r0["seen"] == r1["seen"]
     assert len({c for c, _ in r0["seen"]}) > 2

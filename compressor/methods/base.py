@@ -47,6 +47,9 @@ class Method:
     record: Callable[..., bool] = record_all   # record(cfg, space): does this subnet feed the prior?
     sides: tuple = ("left", "right")    # the sides the search scores and may deliver
     searcher: Callable[..., Any] = search
+    # searcher_kwargs(options, sampler) -> dict: more keyword arguments for `searcher`, from the method's
+    # options and the trained sampler (mctnas: the tree search's settings and the training tree)
+    searcher_kwargs: Callable[..., dict] = lambda options, sampler: {}
     # fit(FitContext) -> Fitted: replaces supernet training and search (None: a supernet method)
     fit: Callable[..., Any] | None = None
     # a fit that trains nothing: compress() fine-tunes for supernet_epochs + finetune_epochs instead
