@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+import torch.nn.functional as F
+from torch import nn
 
 import compressor as cz
 from compressor.cifar import resnet20
-from compressor.reconstruct import reconstruct, write_back
+from compressor.reconstruct import _output_positions, _patches, reconstruct, write_back
 from conftest import assert_unchanged, snapshot, with_real_statistics
 
 
@@ -140,3 +142,19 @@ def test_batch_norms_are_left_computing_the_same_in_eval_mode_and_near_it_in_tra
         evaluated = small.eval()(x)
         trained = copy.deepcopy(small).train()(x)  # batch statistics of the same images
     assert float((trained - evaluated).norm() / evaluated.norm()) < 1e-3
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,padding,size", [
+    (3, 1, 1, 1, (8, 8)), (3, 2, 1, 1, (9, 7)), (1, 1, 1, 0, (5, 5)), (5, 2, 2, 3, (11, 10)),
+    ((3, 1), (2, 1), 1, (1, 0), (6, 5)), (3, 1, 1, 0, (4, 4))])
+def test_sampled_patches_are_the_unfold_columns(kernel, stride, dilation, padding, size):
+    """The input rows a conv's fit reads equal F.unfold's columns at the sampled positions, for
+    strided, dilated, unpadded, over-padded and rectangular kernels."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, kernel, stride=stride, dilation=dilation, padding=padding)
+    x = torch.randn(3, 4, *size)
+    columns = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    assert _output_positions(conv, x) == columns.shape[2] == conv(x).shape[2] * conv(x).shape[3]
+    at = torch.randint(columns.shape[2], (3, 5))
+    expected = torch.gather(columns, 2, at[:, None].expand(3, columns.shape[1], 5)).permute(0, 2, 1)
+    assert torch.equal(_patches(conv, x, at), expected.reshape(-1, columns.shape[1]))
