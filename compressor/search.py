@@ -567,10 +567,12 @@ class ParetoResult:
     limit: float
     front: list
     history: list = field(repr=False)  # [Evaluated]
+    costs: list = field(repr=False, default_factory=list)  # each history candidate's cost on the axis
+    paths: dict = field(default_factory=dict)  # api.pareto_front: front.json and front.png
 
     def to_dict(self) -> dict:
         return {"metric": self.metric, "limit": self.limit, "front": self.front,
-                "history": [dict(e._asdict(), cfg=list(e.cfg)) for e in self.history]}
+                "history": [dict(e._asdict(), cfg=list(e.cfg), cost=c) for e, c in zip(self.history, self.costs)]}
 
 
 def pareto_search(net: Supernet, budget, train_data, val_data, *, effort: float = 1.0, seed: int = 0,
@@ -627,7 +629,7 @@ def pareto_search(net: Supernet, budget, train_data, val_data, *, effort: float 
         front.append(point)
     log.info("Pareto front: %d of %d candidates, %s to %s", len(front), len(cfgs),
              human(axis.metric, costs[on_front].min()), human(axis.metric, costs[on_front].max()))
-    return ParetoResult(axis.metric, axis.limit, front, _history(space, trace, evaluated))
+    return ParetoResult(axis.metric, axis.limit, front, _history(space, trace, evaluated), costs.tolist())
 
 
 GUARD_Z = 2.5  # (choice) the best of ~25 noisy scores beats an equal anchor by about 2 standard errors
