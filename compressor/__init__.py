@@ -23,7 +23,8 @@ _LAZY = {
     "SearchResult": "search", "recalibrate_bn": "search", "score": "search", "search": "search",
     "uniform_baseline": "search",
     "accuracy": "finetune", "finetune": "finetune",
-    "CompressionResult": "api", "compress": "api", "search_trained": "api", "CompressConfig": "config",
+    "CompressionResult": "api", "compress": "api", "search_trained": "api", "pareto_front": "api",
+    "pick_point": "api", "CompressConfig": "config",
 }
 
 __all__ = ["CompressorError", "ConfigError", "InfeasibleBudgetError", "UnsupportedModelError", "__version__",

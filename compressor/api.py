@@ -24,11 +24,11 @@ from .config import CHANNEL_ORDERS, CompressConfig
 from .cost import count_params, measure_flops
 from .data import train_val_split
 from .errors import ConfigError, InfeasibleBudgetError
-from .files import atomic_output, atomic_torch_save, check_writable, write_text_atomic
+from .files import atomic_output, atomic_torch_save, check_writable, without_nan, write_text_atomic
 from .finetune import accuracy, finetune
 from .formats import export_format
 from .latency import build_latency_model, runtime
-from . import outputs
+from . import outputs, pareto
 from . import trained as supernets
 from .methods import FitContext, Fitted, get_method
 from .models import name_architecture, unwrap
@@ -36,8 +36,8 @@ from .reparam import finetune_repnas
 from .run_identity import weights_hash
 from .samplers import TrainingWindow
 from .stopwatch import Stopwatch
-from .search import (constraints, feasible, human, importance_baseline, recalibrate_bn, same_draws, score,
-                     uniform_baseline, widen)
+from .search import (SearchResult, constraints, feasible, human, importance_baseline, pareto_search,
+                     recalibrate_bn, same_draws, score, uniform_baseline, widen)
 from .reconstruct import reconstruct, write_back
 from .slim import channel_importance, freeze_unsliceable, order_channels, save_slim, slim
 from .space import analyze
@@ -86,18 +86,7 @@ class CompressionResult:
         d = {k: v for k, v in asdict(self).items() if k != "model"}
         d["compressor_version"] = __version__
         d["meets_budget"] = self.meets_budget()
-        return json.dumps(_finite(d), indent=1, allow_nan=False)
-
-
-def _finite(value):
-    """JSON has no NaN: unscored values (a UA run's right side) become null."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+        return json.dumps(without_nan(d), indent=1, allow_nan=False)
 
 
 def plot_pareto(history, chosen, limit, path, metric="flops"):
@@ -231,9 +220,7 @@ def search_trained(out_dir, model: nn.Module, budgets, train_data, val_data=None
     finetune_epochs, inherit, export, ...) may change, the others default to the trained run's and
     must equal them. One latency model is built per target and serves every budget on it (with the
     run's latency measurements restored into the cache). The user's model is never modified."""
-    saved = supernets.load(out_dir, device="cpu")
-    path = os.path.join(out_dir, supernets.FILE)
-    cfg = supernets.config(saved, path, options)
+    saved, path, cfg = _load_trained(out_dir, options)
     if isinstance(budgets, str):
         budgets = [budgets]
     parsed = [parse_budget(supernets.with_target(b, target)) for b in budgets]
@@ -245,15 +232,9 @@ def search_trained(out_dir, model: nn.Module, budgets, train_data, val_data=None
     folders = [os.path.join(out_dir, supernets.folder_name(b)) for b in parsed]
     if len(set(folders)) < len(folders):
         raise ConfigError(f"budgets {', '.join(map(str, parsed))} repeat one budget: give each once")
-    model = unwrap(model)
-    supernets.check_identity(saved, model, train_data, path)  # before any expensive work
-    supernets.restore_latency_caches(saved, latency_options)
-    clock = Stopwatch()
-    with clock("prepare"):
-        runs = _prepare(model, parsed, train_data, val_data, cfg, clock, example_input=example_input, device=device,
-                        out_dirs=folders, progress=progress, latency_options=latency_options, source=source,
-                        restart=False, output_fn=output_fn)
-    supernets.check_space(saved, runs[0].context.space, path)
+    runs, clock = _prepare_trained(saved, path, cfg, model, parsed, folders, train_data, val_data,
+                                   example_input=example_input, device=device, progress=progress,
+                                   latency_options=latency_options, source=source, output_fn=output_fn)
     ordered = copy.deepcopy(runs[0].context.model)  # the budgets share it: each search starts from this copy
     if saved["window"] is not None and any(str(b) != saved["budget"] for b in parsed):
         log.warning("the supernet in %s was trained on subnets near the budget %s (supernet_window %s): for other "
@@ -269,6 +250,90 @@ def search_trained(out_dir, model: nn.Module, budgets, train_data, val_data=None
                                                       "trained_for": saved["budget"]})
         clock = Stopwatch()  # each budget's report times its own stages; the first also the shared prepare
     return results
+
+
+def _load_trained(out_dir, options):
+    """(supernet.pt's content, its path, the config of a later search with `options`)."""
+    saved = supernets.load(out_dir, device="cpu")
+    path = os.path.join(out_dir, supernets.FILE)
+    return saved, path, supernets.config(saved, path, options)
+
+
+def _prepare_trained(saved, path, cfg, model, budgets, folders, train_data, val_data, **prepare):
+    """(one _Run per budget, the clock): the identity checks (before any expensive work), the
+    trained run's latency measurements restored, the prepare stage, and the width space checked."""
+    model = unwrap(model)
+    supernets.check_identity(saved, model, train_data, path)
+    supernets.restore_latency_caches(saved, prepare["latency_options"])
+    clock = Stopwatch()
+    with clock("prepare"):
+        runs = _prepare(model, budgets, train_data, val_data, cfg, clock, out_dirs=folders, restart=False, **prepare)
+    supernets.check_space(saved, runs[0].context.space, path)
+    return runs, clock
+
+
+def pareto_front(out_dir, model: nn.Module, train_data, val_data=None, *, metric="flops", limit=None, target=None,
+                 example_input=None, device=None, progress=True, latency_options=None, source=None, output_fn=None,
+                 **options):
+    """One multi-objective search of the supernet kept in out_dir/supernet.pt (see search_trained):
+    held-out score up, `metric` ("flops", "params", or "latency" on `target`) down, at most `limit`
+    when given ("60%", "2.5M", "2ms"; default: the whole space). Writes out_dir/pareto/front.json
+    (each point: widths, side, score, score_left, score_right, flops, params, and the predicted
+    latency on a latency axis; every scored candidate; the supernet.pt it belongs to) and
+    out_dir/pareto/front.png. Returns search.ParetoResult. Then pick_point(out_dir, ..., index)
+    delivers one point. The model, data and options are checked as search_trained checks them;
+    `effort`, `score_metric`, `calib_batches` and `seed_population` shape this search."""
+    if metric not in pareto.AXES:
+        raise ConfigError(f"unknown Pareto metric {metric!r}: use one of {', '.join(map(repr, pareto.AXES))}")
+    if (metric == "latency") != (target is not None):
+        raise ConfigError("a latency axis needs its target, e.g. metric='latency', target='ort-cpu' (CLI: --target)"
+                          if metric == "latency" else f"target={target!r} is the target of a latency axis: leave it "
+                          f"out with metric={metric!r}, or use metric='latency'")
+    saved, path, cfg = _load_trained(out_dir, dict(options, export=()))  # the front is data: nothing to export
+    budget = parse_budget(supernets.with_target(f"{metric}<={limit or '100%'}", target))
+    (run,), _ = _prepare_trained(saved, path, cfg, model, [budget], [None], train_data, val_data,
+                                 example_input=example_input, device=device, progress=progress,
+                                 latency_options=latency_options, source=source, output_fn=output_fn)
+    ctx = run.context
+    net = _restore(ctx, saved)[0]
+    found = pareto_search(net, budget, ctx.calibration(), ctx.batched(ctx.held_out), effort=ctx.effort, seed=ctx.seed,
+                          calib_batches=ctx.calib_batches, sides=ctx.sides or ctx.method.sides, progress=progress,
+                          metric=ctx.score_metric, seeds=ctx.seeds, output_fn=output_fn)
+    found.paths = pareto.write(out_dir, found, path, budget, target)
+    return found
+
+
+def pick_point(out_dir, model: nn.Module, index: int, train_data, val_data=None, *, example_input=None, device=None,
+               progress=True, latency_options=None, source=None, output_fn=None, **options) -> CompressionResult:
+    """Deliver point `index` of out_dir/pareto/front.json (pareto_front; 0 is the cheapest): its
+    widths and side, slimmed from the trained supernet (weights as `inherit` says, BN recalibrated),
+    fine-tuned, measured and written into out_dir/pareto/point-<index>/ as a budget run's folder
+    (report.json, model.pt, pareto.png, exports). No search runs: the model has the point's widths,
+    so its FLOPs and params are the point's; its report's budget is "flops<=F,params<=P" with those
+    exact costs. A front searched on another supernet.pt is refused."""
+    saved, path, cfg = _load_trained(out_dir, options)
+    doc = pareto.read(out_dir, path)
+    front = doc["front"]
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(front):
+        raise ConfigError(f"pick {index!r}: the Pareto front in {out_dir} has {len(front)} points, 0 (cheapest) to "
+                          f"{len(front) - 1} (best scoring); see {pareto.FOLDER}/{pareto.FRONT} or front.png")
+    point = front[index]
+    budget = parse_budget(f"flops<={point['flops']:.0f},params<={point['params']:.0f}")
+    folder = os.path.join(out_dir, pareto.FOLDER, f"{pareto.POINT}{index}")
+    (run,), clock = _prepare_trained(saved, path, cfg, model, [budget], [folder], train_data, val_data,
+                                     example_input=example_input, device=device, progress=progress,
+                                     latency_options=latency_options, source=source, output_fn=output_fn)
+    ctx = run.context
+    nan = float("nan")
+    left, right = (nan if point[k] is None else point[k] for k in ("score_left", "score_right"))
+    found = SearchResult(cfg=tuple(point["widths"]), side=point["side"], score_left=left, score_right=right,
+                         score=point["score"], costs={k: point[k] for k in ("flops", "params")}, limits=ctx.limits,
+                         history=doc["evaluated"])
+    fitted = _fit_supernet(ctx, trained=saved, point=found)
+    log.info("Pareto point %d of %s: %s, score %.4f (no search)", index, path, list(found.cfg), found.score)
+    return _deliver(run, ctx, cfg, fitted, clock, folder, progress, output_fn, False,
+                    supernet={"trained": False, "from": os.path.abspath(path), "steps": 0,
+                              "trained_for": saved["budget"], "pareto_point": index, "pareto_metric": doc["metric"]})
 
 
 @dataclass
@@ -410,10 +475,11 @@ def _fit_method(ctx: FitContext) -> Fitted:
             return replace(fitted, attempts=attempts or fitted.attempts, timings=timings)
 
 
-def _fit_supernet(ctx: FitContext, trained=None) -> Fitted:
+def _fit_supernet(ctx: FitContext, trained=None, point=None) -> Fitted:
     """The fit step of a supernet method: train the supernet, search it (again, with a tightened
     limit, while the delivered model misses a latency budget) and slim the chosen configuration.
-    `trained`: a supernet.pt's content (search_trained): its weights replace the training."""
+    `trained`: a supernet.pt's content (search_trained): its weights replace the training.
+    `point`: a SearchResult delivered instead of a search (pick_point)."""
     clock, space = Stopwatch(), ctx.space
     reference = copy.deepcopy(ctx.model) if ctx.reconstruct != "none" else None  # the full model, untrained
     if trained is None:
@@ -426,7 +492,7 @@ def _fit_supernet(ctx: FitContext, trained=None) -> Fitted:
         "records": [[float(l), list(c), s] for l, c, s in records], "anchors": [list(a) for a in anchors],
         "steps": steps}
     with clock("search"):
-        small, found, attempts = _search_and_slim(ctx, net, before, records, anchors, sampler)
+        small, found, attempts = _search_and_slim(ctx, net, before, records, anchors, sampler, point)
     if ctx.reconstruct == "final":
         with clock("reconstruct"):  # the delivered configuration, from the weights before training
             small = slim(reference, space, found.cfg, found.side)
@@ -507,21 +573,22 @@ def _reconstruct_anchor(ctx, net, reference, anchor, score_before):
         ctx.model.load_state_dict(saved)
 
 
-def _search_and_slim(ctx, net, before, records, anchors=(), sampler=None):
+def _search_and_slim(ctx, net, before, records, anchors=(), sampler=None, point=None):
     """Search the trained supernet and slim the chosen configuration; with a latency budget, again
     with a tightened limit while the delivered model misses it. `sampler`: the trained one, which
-    the method's searcher_kwargs may hand the searcher."""
+    the method's searcher_kwargs may hand the searcher. `point`: the configuration to slim instead
+    of a search's (its budget bounds no latency)."""
     space = ctx.space
     calib, scoring = ctx.calibration(), ctx.batched(ctx.held_out)
     search_budget, attempts = ctx.budget, []
     while True:
-        found = ctx.method.searcher(net, search_budget, calib, scoring, records=records, effort=ctx.effort,
-                                    seed=ctx.seed, calib_batches=ctx.calib_batches,
-                                    sides=ctx.sides or ctx.method.sides, progress=ctx.progress,
-                                    metric=ctx.score_metric, seeds=ctx.seeds, output_fn=ctx.output_fn,
-                                    final_data=_second_look(calib, ctx.calib_batches, ctx.final_batches),
-                                    alternate=before if ctx.score_original else None, anchors=anchors,
-                                    **ctx.method.searcher_kwargs(ctx.options, sampler))
+        found = point if point is not None else ctx.method.searcher(
+            net, search_budget, calib, scoring, records=records, effort=ctx.effort, seed=ctx.seed,
+            calib_batches=ctx.calib_batches, sides=ctx.sides or ctx.method.sides, progress=ctx.progress,
+            metric=ctx.score_metric, seeds=ctx.seeds, output_fn=ctx.output_fn,
+            final_data=_second_look(calib, ctx.calib_batches, ctx.final_batches),
+            alternate=before if ctx.score_original else None, anchors=anchors,
+            **ctx.method.searcher_kwargs(ctx.options, sampler))
         source, found.inherited = _inheritance(net, before, found, ctx.inherit, calib, scoring,
                                                ctx.calib_batches, ctx.score_metric, ctx.output_fn)
         # the slim model inherits BN statistics calibrated for its configuration

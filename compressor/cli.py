@@ -107,7 +107,8 @@ def compress_config(args) -> CompressConfig:
 
 
 def cmd_search(args):
-    from .api import search_trained
+    from .api import pareto_front, pick_point, search_trained
+    check_search_mode(args)
     from .data import image_folder
     options = {name: getattr(args, name) for name in _SEARCH_ARGS if getattr(args, name) is not None}
     if args.export is not None:
@@ -116,10 +117,34 @@ def cmd_search(args):
     train_dir, val_dir = _split_folder(args.data)
     train = image_folder(train_dir, args.image_size)
     val = image_folder(val_dir, args.image_size) if val_dir else None
-    results = search_trained(getattr(args, "from"), model, args.budget, train, val, target=args.target, example_input=x,
-                             device=args.device, progress=not args.quiet, **options)
+    common = dict(example_input=x, device=args.device, progress=not args.quiet)
+    out = getattr(args, "from")
+    if args.pareto is not None:
+        from .pareto import table
+        found = pareto_front(out, model, train, val, metric=args.pareto, limit=args.limit, target=args.target,
+                             **common, **options)
+        print(table(found.front, found.metric))
+        print(f"{len(found.front)} points of {len(found.history)} candidates; wrote {found.paths['front']} and "
+              f"{found.paths['plot']}; deliver one with: compressor search --from {out} ... --pick INDEX")
+        return
+    if args.pick is not None:
+        results = {f"pick {args.pick}": pick_point(out, model, args.pick, train, val, **common, **options)}
+    else:
+        results = search_trained(out, model, args.budget, train, val, target=args.target, **common, **options)
     print(json.dumps({budget: {k: getattr(r, k) for k in ("widths", "side", "original", "result", "limits", "paths")}
                       for budget, r in results.items()}, indent=1))
+
+
+def check_search_mode(args):
+    """`compressor search` takes one of --budget, --pareto and --pick (ConfigError otherwise)."""
+    given = [flag for flag, value in (("--budget", args.budget), ("--pareto", args.pareto), ("--pick", args.pick))
+             if value is not None]
+    if len(given) != 1:
+        raise ConfigError("compressor search takes one of --budget (search each budget), --pareto METRIC (the front "
+                          "of score vs cost) or --pick INDEX (deliver a point of that front)"
+                          + (f", not {' and '.join(given)}" if given else ""))
+    if args.limit is not None and args.pareto is None:
+        raise ConfigError("--limit bounds the cost axis of --pareto: give it with --pareto, or use --budget")
 
 
 # the search flags: options a search of a trained supernet may change (None: the trained run's)
@@ -269,9 +294,17 @@ def build_parser():
     model_args(p)
     p.add_argument("--from", required=True, metavar="OUT", help="the --out folder of that compress run (supernet.pt)")
     p.add_argument("--data", required=True, help="the compress run's --data (checked: the same images)")
-    p.add_argument("--budget", required=True, action="append", help="e.g. 'flops<=30%%'; repeatable")
+    p.add_argument("--budget", action="append", help="e.g. 'flops<=30%%'; repeatable")
+    p.add_argument("--pareto", choices=("flops", "params", "latency"),
+                   help="instead of budgets: one multi-objective search, held-out score vs this cost; writes "
+                   "--from/pareto/front.json and front.png and prints the front (latency: with --target)")
+    p.add_argument("--limit", help="with --pareto: an upper bound on the cost, e.g. 60%%, 2.5M or 2ms (default: none)")
+    p.add_argument("--pick", type=int, metavar="INDEX",
+                   help="deliver point INDEX of the front --pareto wrote (0: the cheapest): slimmed, fine-tuned and "
+                   "written into --from/pareto/point-INDEX/ like a budget's folder")
     p.add_argument("--target", choices=LATENCY_TARGETS,
-                   help="the target of latency budgets that name none, e.g. --budget 'latency<=2ms' --target ort-cpu")
+                   help="the target of latency budgets that name none, e.g. --budget 'latency<=2ms' --target ort-cpu, "
+                   "or of --pareto latency")
     p.add_argument("--effort", type=float, help="search effort (default: the compress run's)")
     p.add_argument("--finetune-epochs", type=float, help="default: the compress run's")
     p.add_argument("--finetune-lr", type=float, help="default: the compress run's")

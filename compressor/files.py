@@ -94,3 +94,15 @@ def remove_temporaries(folder, name):
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
     return stale
+
+
+def without_nan(value):
+    """`value` (dicts, lists, tuples, numbers) for JSON, which has no NaN: NaN (an unscored value, e.g.
+    a UA run's right side) becomes null."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nan(v) for v in value]
+    return value

@@ -3,7 +3,7 @@ budget as vectorised cost functions, BCNet's prior over bins, and the evolutiona
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -16,7 +16,7 @@ from .distributed import rank_and_world
 from .errors import ConfigError, InfeasibleBudgetError
 from .progress import Progress
 from .samplers import local_moves
-from .searchers import DRAW_BATCH, DRAW_ROUNDS, Evolution, Problem
+from .searchers import DRAW_BATCH, DRAW_ROUNDS, Evolution, ParetoSelection, Problem, pareto_ranks
 from .space import WidthSpace
 from .supernet import Supernet
 from .batches import check_labels, logits, read_batches
@@ -522,8 +522,7 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
     else:
         trace = searcher.run(problem, rng, _feasible_seeds(space, bounds, seeds))
     bar.close()
-    history = [Evaluated(cfg, *evaluated[cfg][:2], float(space.flops(cfg)), float(space.params(cfg)), generation,
-                         evaluated[cfg][2]) for cfg, generation in zip(trace.cfgs, trace.rounds)]
+    history = _history(space, trace, evaluated)
     top = sorted(evaluated, key=fitness, reverse=True)[:evolution.top_k]
     canon, rows = canonical_bins(space), np.arange(len(space))
 
@@ -536,7 +535,7 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
     left, right, other = evaluated[best]
     # the alternate's score is its left path's: when it decides the fitness, the side is left
     alternate_wins = other > _fitness((left, right, float("nan")), sides)
-    side = "right" if ("left" not in sides or right > left) and not alternate_wins else "left"
+    side = "left" if alternate_wins else _better_side(left, right, sides)
     result = SearchResult(
         cfg=best, side=side, score_left=left, score_right=right,
         score=fitness(best), costs={"flops": float(space.flops(best)), "params": float(space.params(best))},
@@ -546,6 +545,91 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
              best, result.side, result.score, left, right, human("flops", result.costs["flops"]),
              human("params", result.costs["params"]), len(history))
     return result
+
+
+def _history(space, trace, evaluated) -> list:
+    """[Evaluated] of every candidate of `trace`, in evaluation order, from the score cache."""
+    return [Evaluated(cfg, *evaluated[cfg][:2], float(space.flops(cfg)), float(space.params(cfg)), generation,
+                      evaluated[cfg][2]) for cfg, generation in zip(trace.cfgs, trace.rounds)]
+
+
+def _better_side(left, right, sides) -> str:
+    return "right" if "left" not in sides or right > left else "left"
+
+
+@dataclass
+class ParetoResult:
+    """pareto_search's answer: the cost axis (`metric`, its upper `limit`, resolved), the front (the
+    non-dominated candidates, cheapest first, each a dict: widths, side, score, score_left,
+    score_right, flops, params, and latency in us, predicted, when the axis is latency) and every
+    scored candidate."""
+    metric: str
+    limit: float
+    front: list
+    history: list = field(repr=False)  # [Evaluated]
+    costs: list = field(repr=False, default_factory=list)  # each history candidate's cost on the axis
+    paths: dict = field(default_factory=dict)  # api.pareto_front: front.json and front.png
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "limit": self.limit, "front": self.front,
+                "history": [dict(e._asdict(), cfg=list(e.cfg), cost=c) for e, c in zip(self.history, self.costs)]}
+
+
+def pareto_search(net: Supernet, budget, train_data, val_data, *, effort: float = 1.0, seed: int = 0,
+                  calib_batches: int = 20, max_val_batches: int | None = None, sides=("left", "right"),
+                  progress: bool = True, metric: str = "top1", seeds=(), output_fn=None) -> ParetoResult:
+    """One multi-objective evolutionary search (METHOD section 6, last point): held-out score up and
+    the cost of the budget's first constraint down, e.g. "flops<=100%" (the whole space) or
+    "latency<=2ms@ort-cpu" (only candidates under 2 ms; every other constraint of the budget holds
+    too). Scoring, BN recalibration, the score cache, sides and `metric` are search()'s; the
+    parents of each generation are chosen by non-dominated sorting and crowding
+    (searchers.ParetoSelection). Returns the front over every scored candidate.
+    Choices: the parents are a whole population (NSGA-II), not the top-k; the initial population
+    holds uniform widths spread over the bins, the feasible `seeds`, then uniform draws over the
+    whole cost range (BCNet's prior is fitted to one budget, so it is not used); no second look and
+    no alternate weights."""
+    if not sides or any(side not in ("left", "right") for side in sides):
+        raise ConfigError(f"sides must be a non-empty subset of ('left', 'right'), got {sides!r}")
+    if not effort > 0:
+        raise ConfigError(f"effort must be positive, got {effort}")
+    space = net.space
+    bounds = constraints(space, budget)
+    axis = bounds[0]
+    evolution = Evolution.scaled(effort)
+    evolution = replace(evolution, top_k=evolution.population)
+    rng = np.random.default_rng(seed)
+    evaluated = {}
+    rate = _rater(net, None, sides, train_data, calib_batches, metric, output_fn)
+
+    def evaluate(cfg):
+        evaluated[cfg] = rate(cfg, val_data, max_val_batches)
+        return _fitness(evaluated[cfg], sides)
+
+    levels = np.unique(np.linspace(1, space.bins, max(2, min(space.bins, evolution.population // 2))).round())
+    uniform = [tuple(int(c) for c in np.clip(w, space.min_bins, space.max_bins)) for w in levels]
+    candidates = _initial_population(space, bounds, _uniform_prior(space), evolution.population, (0.0, 1.0), rng,
+                                     [space.min(), *uniform, *seeds])
+    log.info("Pareto search: score vs %s (%s), %s", axis.metric, ", ".join(b.text for b in bounds), evolution)
+    bar = Progress(evolution.generations, "pareto search", enabled=progress, log=log)
+    trace = evolution.run(width_problem(space, bounds, evaluate), rng, candidates, select=ParetoSelection(axis.cost),
+                          on_round=lambda *_: bar.update(1))
+    bar.close()
+    cfgs = list(trace.cfgs)
+    scores = np.array([_fitness(evaluated[c], sides) for c in cfgs])
+    costs = np.asarray(axis.cost(np.array(cfgs)), dtype=np.float64)
+    on_front = np.flatnonzero(pareto_ranks(scores, costs) == 0)
+    front = []
+    for i in sorted(on_front, key=lambda i: (costs[i], -scores[i])):
+        left, right, _ = evaluated[cfgs[i]]
+        point = {"widths": list(cfgs[i]), "side": _better_side(left, right, sides), "score": float(scores[i]),
+                 "score_left": left, "score_right": right, "flops": float(space.flops(cfgs[i])),
+                 "params": float(space.params(cfgs[i]))}
+        if axis.metric == "latency":
+            point["latency"] = float(costs[i])
+        front.append(point)
+    log.info("Pareto front: %d of %d candidates, %s to %s", len(front), len(cfgs),
+             human(axis.metric, costs[on_front].min()), human(axis.metric, costs[on_front].max()))
+    return ParetoResult(axis.metric, axis.limit, front, _history(space, trace, evaluated), costs.tolist())
 
 
 GUARD_Z = 2.5  # (choice) the best of ~25 noisy scores beats an equal anchor by about 2 standard errors

@@ -108,6 +108,11 @@ def draw_distinct(problem: Problem, count: int, rng, draw=None, exclude=()) -> l
     return list(chosen)
 
 
+def _best(trace: Trace, k: int) -> list:
+    """The k best-scoring candidates; the sort is stable: ties keep the first scored."""
+    return sorted(trace.seen, key=trace.seen.get, reverse=True)[:k]
+
+
 def check_queries(queries):
     if queries is not None and (isinstance(queries, bool) or not isinstance(queries, int) or queries < 1):
         raise ConfigError(f"queries must be a positive integer or None, got {queries!r}")
@@ -164,11 +169,13 @@ class Evolution:
                    crossovers=max(4, round(25 * effort)), **kwargs)
 
     def run(self, problem: Problem, rng: np.random.Generator, initial=None, *, redraw=None, mutate=None,
-            on_round=None) -> Trace:
+            on_round=None, select=None) -> Trace:
         """`initial`: the first population (default: distinct feasible uniform draws). `redraw(n, rng)`:
         where a mutated gene is drawn from (default: uniform; the search's prior). `mutate(parent,
         rng)`: replaces the whole mutation (the search's local moves). `on_round(generation, trace,
-        top)` after each generation. Proposals are mapped to their canonical form."""
+        top)` after each generation. `select(trace, k)`: the k parents of the next generation
+        (default: the k best scores; pareto.select: non-dominated sorting on score and a cost).
+        Proposals are mapped to their canonical form."""
         redraw = redraw or problem.uniform
         trace, top = Trace(), []
 
@@ -195,7 +202,7 @@ class Evolution:
                 if self.queries is not None and len(trace) >= self.queries:
                     return trace
                 trace.query(problem, cfg, generation)
-            top = sorted(trace.seen, key=trace.seen.get, reverse=True)[:self.top_k]  # stable: ties keep first-seen
+            top = (select or _best)(trace, self.top_k)
             if on_round is not None:
                 on_round(generation, trace, top)
         return trace
@@ -212,3 +219,59 @@ class Evolution:
                     children[cfg] = None
                     break
         return list(children)
+
+
+# -- multi-objective selection (a score up, a cost down) -------------------------------------------
+def dominated(scores, costs) -> np.ndarray:
+    """(B, B) bool: [i, j] when candidate i dominates j: a score at least as high and a cost at most as
+    high, one of them strictly. Equal candidates do not dominate each other."""
+    s, c = np.asarray(scores, dtype=np.float64), np.asarray(costs, dtype=np.float64)
+    no_worse = (s[:, None] >= s[None]) & (c[:, None] <= c[None])
+    return no_worse & ((s[:, None] > s[None]) | (c[:, None] < c[None]))
+
+
+def pareto_ranks(scores, costs) -> np.ndarray:
+    """(B,) int: non-dominated sorting (NSGA-II): rank 0 is the front, rank r what only ranks < r
+    dominate. O(B^2) memory: a few thousand candidates at most, as a search scores."""
+    beats = dominated(scores, costs)
+    ranks = np.full(len(beats), -1)
+    left, rank = np.ones(len(beats), dtype=bool), 0
+    while left.any():
+        front = left & ~beats[left].any(0)
+        ranks[front], left, rank = rank, left & ~front, rank + 1
+    return ranks
+
+
+def crowding(scores, costs) -> np.ndarray:
+    """(B,) NSGA-II's crowding distance of candidates of one front: per objective, the gap between a
+    candidate's two neighbours over the objective's range, summed; the ends get infinity, so the
+    cheapest and the best are always kept."""
+    distance = np.zeros(len(scores))
+    for values in (np.asarray(scores, dtype=np.float64), np.asarray(costs, dtype=np.float64)):
+        order = np.argsort(values, kind="stable")
+        span = values[order[-1]] - values[order[0]]
+        distance[order[[0, -1]]] = np.inf
+        if len(values) > 2 and span > 0:
+            distance[order[1:-1]] += (values[order[2:]] - values[order[:-2]]) / span
+    return distance
+
+
+@dataclass(frozen=True)
+class ParetoSelection:
+    """Evolution.run's `select` for two objectives, the score up and `cost(cfgs)` down (vectorised):
+    NSGA-II's survivor selection (choice: plain NSGA-II, no archive or reference points): the k
+    parents are the candidates of the lowest ranks, the last rank that does not fit whole cut by
+    crowding distance (the most isolated first), so the parents spread along the front."""
+    cost: Callable[[np.ndarray], np.ndarray]
+
+    def __call__(self, trace: Trace, k: int) -> list:
+        cfgs = list(trace.seen)
+        scores = np.array([trace.seen[c] for c in cfgs])
+        costs = np.asarray(self.cost(np.array(cfgs)), dtype=np.float64)
+        ranks = pareto_ranks(scores, costs)
+        spread = np.zeros(len(cfgs))
+        for rank in np.unique(ranks):
+            members = ranks == rank
+            spread[members] = crowding(scores[members], costs[members])
+        order = np.lexsort((-spread, ranks))  # by rank, then the most isolated first
+        return [cfgs[i] for i in order[:k]]

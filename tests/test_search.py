@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import compressor as cz
 from compressor.errors import ConfigError, InfeasibleBudgetError
-from compressor.search import (constraints, expected_cost, fit_prior, recalibrate_bn, score, search,
+from compressor.search import (constraints, expected_cost, fit_prior, pareto_search, recalibrate_bn, score, search,
                                uniform_baseline)
 from conftest import assert_unchanged, snapshot
 
@@ -448,3 +448,47 @@ def test_alternate_weights_are_scored_with_the_same_draws_and_win_when_better(tr
     plain = search(net, "flops<=60%", calib, val, effort=0.1, calib_batches=2, progress=False)
     assert all(e.score_alternate < (e.score_left + e.score_right) / 2 for e in found.history)
     assert found.cfg == plain.cfg and found.score == plain.score
+
+
+# -- the multi-objective search --------------------------------------------------------------------
+def covered(point, candidate, cost):
+    """`point` dominates or equals `candidate` in (score up, cost down)."""
+    return point["score"] >= candidate[0] and point[cost] <= candidate[1]
+
+
+@pytest.mark.parametrize("budget, metric", [("flops<=100%", "flops"), ("params<=60%", "params")])
+def test_pareto_search_returns_the_non_dominated_candidates(trained, net, budget, metric):
+    """The front: no point dominates another, every scored candidate is dominated by or equal to a
+    front point, it runs from the cheapest candidate to the best-scoring one, the limit holds, and
+    its scores are search()'s scores of those configurations (the same scoring and draws)."""
+    _, space, calib, val = trained
+    found = pareto_search(net, budget, calib, val, effort=0.1, seed=0, calib_batches=2, progress=False)
+    front, limit = found.front, constraints(space, budget)[0].limit
+    assert found.metric == metric and found.limit == limit and len(front) >= 3
+    assert [p[metric] for p in front] == sorted(p[metric] for p in front)
+    for a in front:
+        assert not any(b is not a and covered(b, (a["score"], a[metric]), metric) and b != a and
+                       (b["score"], b[metric]) != (a["score"], a[metric]) for b in front)
+        assert a[metric] <= limit and a["flops"] == space.flops(a["widths"]) and a["params"] == space.params(a["widths"])
+        assert a["score"] == (a["score_left"] + a["score_right"]) / 2
+        assert a["side"] == ("right" if a["score_right"] > a["score_left"] else "left")
+    candidates = [((e.score_left + e.score_right) / 2, getattr(e, metric)) for e in found.history]
+    assert all(any(covered(p, c, metric) for p in front) for c in candidates)
+    assert front[0][metric] == min(c[1] for c in candidates) and front[-1]["score"] == max(c[0] for c in candidates)
+    assert front[-1][metric] > 3 * front[0][metric]  # it spans cheap to expensive
+    assert len({tuple(e.cfg) for e in found.history}) == len(found.history)  # every candidate scored once
+    # the same scoring as search(): a single-objective search scores the front's widest point the same
+    again = search(net, budget, calib, val, effort=0.05, calib_batches=2, progress=False, seeds=[front[-1]["widths"]])
+    scored = {tuple(e.cfg): (e.score_left, e.score_right) for e in again.history}
+    assert scored[tuple(front[-1]["widths"])] == (front[-1]["score_left"], front[-1]["score_right"])
+
+
+def test_pareto_search_is_reproducible_and_checks_its_arguments(trained, net):
+    _, _, calib, val = trained
+    runs = [pareto_search(net, "flops<=100%", calib, val, effort=0.05, seed=3, calib_batches=2, progress=False)
+            for _ in range(2)]
+    assert runs[0].front == runs[1].front and [e[:6] for e in runs[0].history] == [e[:6] for e in runs[1].history]
+    with pytest.raises(ConfigError, match="effort must be positive"):
+        pareto_search(net, "flops<=100%", calib, val, effort=0)
+    with pytest.raises(ConfigError, match="sides must be"):
+        pareto_search(net, "flops<=100%", calib, val, sides=("middle",))

@@ -7,7 +7,7 @@ import pytest
 
 from compressor.errors import ConfigError
 from compressor.mcts import MonteCarloTree, TreeSearch
-from compressor.searchers import Evolution, Problem, RandomSearch
+from compressor.searchers import Evolution, ParetoSelection, Problem, RandomSearch, crowding, dominated, pareto_ranks
 
 GROUPS, CHOICES = 7, 4
 
@@ -175,3 +175,50 @@ def test_the_tree_search_pairs_with_a_supernet_search():
     assert all(space.flops(e.cfg) <= limit for e in found.history)
     assert found.score == max((e.score_left + e.score_right) / 2 for e in found.history)
     assert found.score_left == score(net, found.cfg, "left", val, calib, calib_batches=1)
+
+
+# -- multi-objective selection ---------------------------------------------------------------------
+def test_non_dominated_sorting_matches_its_definition():
+    """On points with ties in either objective: rank 0 is exactly the points no other dominates, and
+    every point of rank r > 0 is dominated by one of rank r - 1 and by none of rank r or more."""
+    rng = np.random.default_rng(0)
+    scores, costs = rng.integers(0, 6, 60).astype(float), rng.integers(0, 6, 60).astype(float)
+    ranks = pareto_ranks(scores, costs)
+    beats = np.array([[s1 >= s2 and c1 <= c2 and (s1 > s2 or c1 < c2) for s2, c2 in zip(scores, costs)]
+                      for s1, c1 in zip(scores, costs)])
+    assert np.array_equal(dominated(scores, costs), beats)
+    assert np.array_equal(ranks == 0, ~beats.any(0))
+    for j in np.flatnonzero(ranks > 0):
+        assert beats[ranks == ranks[j] - 1, j].any() and not beats[ranks >= ranks[j], j].any()
+    twins = pareto_ranks([1.0, 1.0], [2.0, 2.0])
+    assert list(twins) == [0, 0]  # equal points do not dominate each other
+
+
+def test_crowding_keeps_the_ends_and_prefers_isolated_points():
+    distance = crowding([0.1, 0.5, 0.55, 0.9], [1.0, 5.0, 5.5, 9.0])
+    assert np.isinf(distance[[0, 3]]).all() and distance[1] > 0 and distance[2] > 0
+    assert crowding([0.3], [2.0])[0] == np.inf
+
+
+def test_the_evolution_with_pareto_selection_spreads_its_parents_along_the_front():
+    """On the separable problem with cost = price: the parents are the front first, its ends
+    included; the scored candidates reach the cheapest candidate and ones near the best score."""
+    problem, every, scores, ok = separable(limit=1.0)
+    rows = np.arange(GROUPS)
+    price = np.cumsum(np.ones((GROUPS, CHOICES)), axis=1) - 1  # cost: the sum of choices
+
+    def cost(cfgs):
+        return price[rows, np.asarray(cfgs)].sum(-1)
+
+    select = ParetoSelection(cost)
+    tops = []
+    trace = Evolution(population=20, generations=15, top_k=20).run(
+        problem, np.random.default_rng(0), [problem.cheapest()] + [tuple(c) for c in every[-1:]], select=select,
+        on_round=lambda g, trace, top: tops.append(top))
+    cfgs = np.array(trace.cfgs)
+    ranks = pareto_ranks(trace.scores, cost(cfgs))
+    front = {tuple(c) for c in cfgs[ranks == 0]}
+    last = tops[-1]
+    assert set(last[:len(front)]) == front if len(front) <= 20 else set(last) <= front
+    assert problem.cheapest() in front and max(trace.scores) == scores.max()  # both ends: the seeds
+    assert select(trace, 3)[0] in front and len(select(trace, 3)) == 3

@@ -3,6 +3,7 @@ out_dir/supernet.pt, and search_trained() / `compressor search` search it for ot
 training it again, on real tiny models and real files."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -194,3 +195,120 @@ def test_weights_before_training_are_needed_to_inherit_them(tmp_path):
                                              "search with inherit='supernet'"):
         search_trained(str(tmp_path), tiny(), ["flops<=40%"], quadrant_data(256), inherit="original")
     assert not any(f.startswith("budget-") for f in os.listdir(tmp_path))
+
+
+# -- the Pareto front of one trained supernet, and a point of it delivered -------------------------------------------
+def covers(point, candidate):
+    """`point` dominates or equals `candidate` (score up, FLOPs down)."""
+    return point["score"] >= candidate[0] and point["flops"] <= candidate[1]
+
+
+def test_pareto_front_then_a_picked_point(trained):
+    """pareto_front: a non-dominated front from cheap to expensive that covers every scored candidate,
+    written as front.json and front.png; pick_point: that point's widths, slimmed and fine-tuned,
+    with exactly the point's measured FLOPs and params, in pareto/point-K/ as a budget run's folder."""
+    _, out = trained
+    model = tiny()
+    before = snapshot(model)
+    found = cz.pareto_front(str(out), model, *data(), metric="flops", effort=0.1, progress=False)
+    assert_unchanged(model, before)
+    front = found.front
+    assert found.metric == "flops" and len(front) >= 3
+    for a in front:
+        assert not any(covers(b, (a["score"], a["flops"])) and (b["score"], b["flops"]) != (a["score"], a["flops"])
+                       for b in front)  # no point dominates another
+    candidates = [((e.score_left + e.score_right) / 2, e.flops) for e in found.history]
+    assert all(any(covers(p, c) for p in front) for c in candidates)
+    assert front[0]["flops"] == min(c for _, c in candidates) and front[-1]["score"] == max(s for s, _ in candidates)
+    assert front[-1]["flops"] > 3 * front[0]["flops"]  # cheap to expensive
+    doc = json.loads((out / "pareto" / "front.json").read_text())
+    assert doc["metric"] == "flops" and doc["front"] == front and len(doc["evaluated"]) == len(found.history)
+    assert doc["supernet"]["file"] == str(out / "supernet.pt")
+    assert (out / "pareto" / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert found.paths == {"front": str(out / "pareto" / "front.json"), "plot": str(out / "pareto" / "front.png")}
+
+    k = len(front) // 2
+    got = cz.pick_point(str(out), model, k, *data(), finetune_epochs=0, progress=False)
+    assert_unchanged(model, before)
+    assert got.widths == front[k]["widths"] and got.side == front[k]["side"]
+    assert got.result["flops"] == front[k]["flops"] == cz.measure_flops(got.model, torch.randn(1, 3, 16, 16))
+    assert got.result["params"] == front[k]["params"] and got.meets_budget()
+    folder = out / "pareto" / f"point-{k}"
+    assert sorted(os.listdir(folder)) == ["model.pt", "pareto.png", "report.json"]
+    report = json.loads((folder / "report.json").read_text())
+    assert report["supernet"]["pareto_point"] == k and report["widths"] == front[k]["widths"]
+    loaded = cz.load_slim(str(folder / "model.pt"), trust_source=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), got.model.eval()(x))
+
+
+def test_pareto_requests_are_checked_before_any_work(trained, tmp_path):
+    _, out = trained
+    with pytest.raises(cz.ConfigError, match="unknown Pareto metric 'macs': use one of 'flops', 'params', 'latency'"):
+        cz.pareto_front(str(out), tiny(), quadrant_data(256), metric="macs")
+    with pytest.raises(cz.ConfigError, match="a latency axis needs its target.*target='ort-cpu'"):
+        cz.pareto_front(str(out), tiny(), quadrant_data(256), metric="latency")
+    with pytest.raises(cz.ConfigError, match="holds no trained supernet .*method='bcnet'"):
+        cz.pareto_front(str(tmp_path), tiny(), quadrant_data(256))
+    with pytest.raises(cz.ConfigError, match="the supernet of another run: the model weights differ"):
+        cz.pareto_front(str(out), tiny(seed=1), quadrant_data(256), progress=False)
+    # a supernet.pt without a front, then a front of another supernet.pt
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "supernet.pt").write_bytes((out / "supernet.pt").read_bytes())
+    with pytest.raises(cz.ConfigError, match=r"holds no Pareto front \(pareto/front.json\): run the Pareto search "
+                                             r"first.*--pareto flops"):
+        cz.pick_point(str(tmp_path / "copy"), tiny(), 0, quadrant_data(256))
+    if not (out / "pareto" / "front.json").exists():
+        cz.pareto_front(str(out), tiny(), *data(), effort=0.05, progress=False)
+    n = len(json.loads((out / "pareto" / "front.json").read_text())["front"])
+    with pytest.raises(cz.ConfigError, match=f"pick {n}: the Pareto front in .* has {n} points, 0 \\(cheapest\\) to "
+                                             f"{n - 1}"):
+        cz.pick_point(str(out), tiny(), n, quadrant_data(256))
+    (tmp_path / "copy" / "pareto").mkdir()
+    doc = json.loads((out / "pareto" / "front.json").read_text())
+    doc["supernet"]["sha256"] = "0" * 64
+    (tmp_path / "copy" / "pareto" / "front.json").write_text(json.dumps(doc))
+    with pytest.raises(cz.ConfigError, match="searched on another supernet.pt .*run the Pareto search first"):
+        cz.pick_point(str(tmp_path / "copy"), tiny(), 0, quadrant_data(256))
+
+
+def test_cli_pareto_then_pick(tmp_path):
+    write_image_folder(tmp_path / "data" / "train", quadrant_data(256))
+    torch.save(tiny().state_dict(), tmp_path / "weights.pt")
+    cli = [sys.executable, "-m", "compressor.cli", "-q"]
+    model = ["--model", tinynet_file(tmp_path), "--weights", str(tmp_path / "weights.pt"), "--data",
+             str(tmp_path / "data"), "--image-size", "16"]
+    out = tmp_path / "out"
+    run = subprocess.run(cli + ["compress", *model, "--budget", "flops<=50%", "--out", str(out), "--supernet-epochs",
+                                "1", "--finetune-epochs", "0", "--batch-size", "32", "--effort", "0.05", "--method",
+                                "bcnet"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    search = cli + ["search", *model, "--from", str(out)]
+    run = subprocess.run(search + ["--pareto", "params", "--limit", "80%", "--effort", "0.1"], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    doc = json.loads((out / "pareto" / "front.json").read_text())
+    rows = run.stdout.splitlines()
+    assert rows[0].split()[:3] == ["pick", "score", "side"] and len(rows) == len(doc["front"]) + 2
+    assert f"wrote {out / 'pareto' / 'front.json'}" in rows[-1] and (out / "pareto" / "front.png").exists()
+    assert doc["metric"] == "params" and all(p["params"] <= doc["limit"] for p in doc["front"])
+    last = len(doc["front"]) - 1
+    assert rows[1 + last].split()[0] == str(last) and rows[1 + last].split()[1] == f"{doc['front'][-1]['score']:.4f}"
+    run = subprocess.run(search + ["--pick", str(last), "--finetune-epochs", "0"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)[f"pick {last}"]
+    point = doc["front"][last]
+    assert summary["widths"] == point["widths"] and summary["result"]["params"] == point["params"]
+    assert summary["result"]["flops"] == point["flops"]
+    assert summary["paths"]["model"] == str(out / "pareto" / f"point-{last}" / "model.pt")
+    for flags, message in [(["--pick", str(last + 1)], f"the Pareto front in .* has {last + 1} points"),
+                           (["--pareto", "flops", "--budget", "flops<=40%"], "takes one of --budget.*not --budget and "
+                                                                              "--pareto"),
+                           ([], "takes one of --budget"),
+                           (["--budget", "flops<=40%", "--limit", "50%"], "--limit bounds the cost axis of --pareto"),
+                           (["--pareto", "latency"], "a latency axis needs its target")]:
+        run = subprocess.run(search + flags, capture_output=True, text=True)
+        assert run.returncode == 2 and re.search(message, run.stderr), (flags, run.stderr)
+    run = subprocess.run(search + ["--pareto", "macs"], capture_output=True, text=True)
+    assert run.returncode == 2 and "invalid choice: 'macs'" in run.stderr
