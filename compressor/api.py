@@ -35,6 +35,7 @@ from .models import name_architecture, unwrap
 from .reparam import finetune_repnas
 from .run_identity import weights_hash
 from .samplers import TrainingWindow
+from .seeding import seeded
 from .stopwatch import Stopwatch
 from .search import (SearchResult, constraints, feasible, human, importance_baseline, pareto_search,
                      recalibrate_bn, same_draws, score, uniform_baseline, widen)
@@ -150,6 +151,14 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, config: Com
     user's model is never modified.
     """
     cfg = CompressConfig.build(config, **options)
+    with seeded(cfg.seed):
+        return _compress(model, budget, train_data, val_data, cfg, example_input=example_input, device=device,
+                         out_dir=out_dir, progress=progress, latency_options=latency_options, source=source,
+                         restart=restart, keep_checkpoints=keep_checkpoints, output_fn=output_fn)
+
+
+def _compress(model, budget, train_data, val_data, cfg, *, example_input, device, out_dir, progress, latency_options,
+              source, restart, keep_checkpoints, output_fn) -> CompressionResult:
     clock = Stopwatch()
     model = unwrap(model)
     with clock("prepare"):

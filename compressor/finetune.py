@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from .errors import ConfigError
 from .progress import Progress
 from .batches import check_labels, logits, read_batches
+from .seeding import seeded
 
 log = logging.getLogger("compressor.finetune")
 
@@ -59,7 +60,17 @@ def finetune(model: nn.Module, train_data, *, epochs=1.0, batch_size=64, lr=0.01
              seed=0, progress=True, output_fn=None, on_step=None) -> dict:
     """Train `model` in place; returns {"steps", "seconds", "final_loss"}. `output_fn` picks the
     logits from the model's (and the teacher's) output. `on_step(step, steps)` runs after each
-    optimiser step (RepNAS ends its branch search there)."""
+    optimiser step (RepNAS ends its branch search there). `seed`: the order of the batches and every
+    other draw (augmentations, dropout), which then do not depend on the caller's generator state."""
+    with seeded(seed):
+        return _train(model, train_data, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                      weight_decay=weight_decay, label_smoothing=label_smoothing, teacher=teacher,
+                      distill_weight=distill_weight, seed=seed, progress=progress, output_fn=output_fn,
+                      on_step=on_step)
+
+
+def _train(model, train_data, *, epochs, batch_size, lr, momentum, weight_decay, label_smoothing, teacher,
+           distill_weight, seed, progress, output_fn, on_step) -> dict:
     data = loader(train_data, batch_size, shuffle=True, seed=seed)
     steps = int(math.ceil(epochs * len(data)))
     if steps <= 0:

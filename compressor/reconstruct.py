@@ -176,30 +176,39 @@ def reconstruct(small: nn.Module, full: nn.Module, space, cfg, side: str, data, 
             fitted.append(name)
         return hook
 
-    _hooked_forward(small, targets.images, lambda: [small.get_submodule(name).register_forward_pre_hook(fit(i, name))
-                                                   for i, name in enumerate(targets.names) if name in targets.rows])
-    _match_norm_statistics(small, targets.images)
+    # the batch norms' inputs are recorded in the same forward: each runs after the layers before it
+    # were fitted, so it sees what a second forward would show it (matching leaves eval mode as is)
+    inputs = {}
+    _hooked_forward(small, targets.images, lambda: [
+        small.get_submodule(name).register_forward_pre_hook(fit(i, name))
+        for i, name in enumerate(targets.names) if name in targets.rows] + _record_norm_inputs(small, inputs))
+    _match_norm_statistics(inputs)
     log.info("reconstructed %d layers from %d images", len(fitted), len(targets.images))
     return fitted
 
 
-def _match_norm_statistics(model, images):
-    """Set every affine batch norm's running statistics to those of its actual inputs and change its
-    scale and shift so that it computes the same in eval mode: (z - m') g'/s' + b' with
+def _record_norm_inputs(model, stats) -> list:
+    """Pre-hooks (their handles) that put into `stats` the per-channel mean and variance of the first
+    input each affine batch norm of `model` with running statistics sees."""
+    def hook(module, inputs):
+        if module not in stats:  # float32 moments (torch accumulates them stably), kept in float64
+            var, mean = torch.var_mean(inputs[0].detach().transpose(0, 1).flatten(1), 1, unbiased=False)
+            stats[module] = (mean.double(), var.double())
+
+    return [m.register_forward_pre_hook(hook) for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats
+            and m.running_var is not None]
+
+
+def _match_norm_statistics(stats):
+    """Set each batch norm's running statistics to those of its actual inputs (`stats`, from
+    _record_norm_inputs) and change its scale and shift so that it computes the same in eval mode:
+    (z - m') g'/s' + b' with
     g' = g s'/s, b' = b + g (m' - m)/s equals (z - m) g/s + b. A fitted layer reproduces the full
     model's features only in part, with less variance; in train mode a batch norm divides by that
     smaller batch variance and amplifies what the fit missed, and the first fine-tuning steps
     undid the reconstruction (CIFAR ResNet-56 at 30 % of the FLOPs: 40 % top-1 fell to 9 % within 8
     steps). With matched statistics, train mode starts where eval mode is."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.affine and m.track_running_stats and m.running_var is not None]
-    stats = {}
-
-    def hook(module, inputs):
-        x = inputs[0].detach().transpose(0, 1).flatten(1).double()
-        stats.setdefault(module, (x.mean(1), x.var(1, unbiased=False)))
-
-    _hooked_forward(model, images, lambda: [m.register_forward_pre_hook(hook) for m in norms])
     with torch.no_grad():
         for m, (mean, var) in stats.items():
             old_std = (m.running_var.double() + m.eps).sqrt()

@@ -146,3 +146,28 @@ def test_inherit_picks_where_the_slim_weights_come_from(pretrained, inherit):
         assert result.search["inherited"] == inherit
     assert result.search["inherited"] in ("original", "supernet")
     assert same == (result.search["inherited"] == "original")
+
+
+def test_the_seed_alone_decides_the_result():
+    """With augmented data (drawn from torch's default generator, which torch seeds at random in
+    every process), two runs with one seed deliver the same network whatever the caller drew
+    before, and compress neither resets nor consumes the caller's generator."""
+    from compressor.data import ImageTensorDataset
+    from conftest import TinyNet
+    x = quadrant_data(256).tensors
+    images = ((x[0] - x[0].min()) / (x[0].max() - x[0].min()) * 255).to(torch.uint8)
+    data = ImageTensorDataset(images, x[1], ["a", "b", "c", "d"], augment=True)
+    fast = dict(supernet_epochs=1, finetune_epochs=1, batch_size=32, effort=0.05, bins=10, divisor=1, progress=False)
+    results = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(0)
+        model = TinyNet(width=8)
+        torch.manual_seed(caller_seed)
+        state = torch.get_rng_state()
+        results.append(cz.compress(model, "flops<=50%", data, **fast))
+        assert torch.equal(torch.get_rng_state(), state)
+    a, b = (r.model.state_dict() for r in results)
+    assert results[0].widths == results[1].widths
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(3)  # and the augmentations do differ with the generator's state
+    assert not torch.equal(data[list(range(8))][0][0], data[list(range(8))][0][0])

@@ -25,6 +25,7 @@ from ..batches import logits, read_batches
 from ..errors import ConfigError
 from ..reconstruct import Targets, reconstruct
 from ..samplers import local_moves
+from ..seeding import seeded
 from ..search import (GUARD_Z, Evaluated, SearchResult, canonical_bins, constraints, feasible, human, same_draws,
                       uniform_baseline)
 from ..slim import slim
@@ -103,7 +104,10 @@ def fit(ctx) -> Fitted:
         raise ConfigError("method 'recon' starts from the seed configurations: pass seed_population=True")
     options, clock = ctx.options, Stopwatch()
     with clock("search"):
-        candidates = _Candidates(ctx, ctx.calibration(), ctx.batched(ctx.held_out), options)
+        # the reconstruction images are augmented by torch's default generator: seeded here, so the
+        # targets do not depend on what drew from it before (search_trained, a latency re-search)
+        with seeded(ctx.seed):
+            candidates = _Candidates(ctx, ctx.calibration(), ctx.batched(ctx.held_out), options)
         found, key = _search(ctx, candidates, options)
     return Fitted(candidates.slim[key], found, [], clock.timings)
 
