@@ -92,8 +92,8 @@ def load(out_dir, device="cpu") -> dict:
     """out_dir/supernet.pt as data, or a ConfigError saying why there is none and what to run."""
     path = os.path.join(out_dir, FILE)
     if not os.path.isdir(out_dir):
-        raise ConfigError(f"{out_dir} is not a folder: give the out_dir of a compress() run with method='bcnet' "
-                          f"or 'ua'")
+        raise ConfigError(f"{out_dir} is not a folder: give the out_dir of a compress() run with a supernet "
+                          f"method ('bcnet', 'ua' or 'mctnas')")
     if not os.path.isfile(path):
         method = _reported_method(out_dir)
         why = (f"its run used method {method!r}, which trains no supernet" if method else
