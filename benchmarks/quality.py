@@ -190,6 +190,8 @@ def report(paths):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=SETTINGS, default="cpu")
+    parser.add_argument("--model", choices=("resnet56", "resnet20"), default="resnet56",
+                        help="the pretrained CIFAR network (resnet20: a check on a network the defaults were not chosen on)")
     parser.add_argument("--budgets", default="flops<=50%;flops<=30%", help="';'-separated budgets")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", default=",".join(BASELINES + tuple(METHODS.names())))
@@ -210,13 +212,14 @@ def main():
     import compressor as cz
     from compressor.api import compress
     from compressor.config import CompressConfig
-    from compressor.cifar import load_pretrained, pretrained_path, resnet56
+    from compressor import cifar
+    from compressor.cifar import load_pretrained, pretrained_path
     from compressor.data import cifar10
     from compressor.finetune import accuracy, finetune
     from compressor.search import uniform_baseline
 
     try:
-        weights = pretrained_path("resnet56")
+        weights = pretrained_path(args.model)
         cifar10("test", limit=10)
     except FileNotFoundError as e:
         print(f"skipped: {e}")
@@ -237,9 +240,11 @@ def main():
     x = torch.randn(1, 3, 32, 32)
     default_distill = CompressConfig.distill
 
-    name = f"quality-{args.setting}{args.tag}.json"
+    name = f"quality-{args.setting}{'' if args.model == 'resnet56' else '-' + args.model}{args.tag}.json"
     path = os.path.join(RESULTS, name)
     run = {"setting": setting, "variants": variants}
+    if args.model != "resnet56":  # files of ResNet-56 runs, written before the option, stay resumable
+        run["model"] = args.model
     rows = []
     if os.path.exists(path) and not args.fresh:
         with open(path) as f:
@@ -264,7 +269,7 @@ def main():
 
         def pretrained():
             torch.manual_seed(seed)
-            return load_pretrained(resnet56(), weights).to(device)
+            return load_pretrained(getattr(cifar, args.model)(), weights).to(device)
 
         def record(budget, row, mode, model, seconds, **extra):
             model = model.to(device).eval()
@@ -315,7 +320,7 @@ def main():
                                widths=result.widths, side=result.side, supernet_score=result.supernet_score,
                                inherited=result.search.get("inherited"),
                                **({"reparam_kept": result.reparam["kept"]} if result.reparam else {}))
-    print(f"\nResNet-56, CIFAR-10 JPEG, '{args.setting}' setting: {setting}, torch threads {torch.get_num_threads()}")
+    print(f"\n{args.model}, CIFAR-10 JPEG, '{args.setting}' setting: {setting}, torch threads {torch.get_num_threads()}")
     print(summarise(rows, budgets, modes, names))
     print(f"wrote {path}")
     return 0
