@@ -105,12 +105,7 @@ def score_samples(net: Supernet, cfg, side: str, val_data, calib_data, *, calib_
                     continue
                 out = logits(net(x.to(device)), output_fn)
                 check_labels(y, out.shape[-1], f"scoring batch {i}")
-                y = y.to(device)
-                if metric == "loss":
-                    values = -torch.nn.functional.cross_entropy(out, y, reduction="none")
-                else:
-                    values = (out.argmax(-1) == y).to(torch.float64)
-                batches.append((i, values.double().cpu()))
+                batches.append((i, sample_values(out, y.to(device), metric)))
     finally:
         for m, buffers in zip(norms, saved):
             for k, b in buffers.items():
@@ -128,6 +123,14 @@ def score_samples(net: Supernet, cfg, side: str, val_data, calib_data, *, calib_
     if not batches:
         raise ConfigError("val_data yielded no batch: nothing to score")
     return torch.cat([values for _, values in batches])
+
+
+def sample_values(out, y, metric: str) -> torch.Tensor:
+    """Per sample of a batch (float64, on the CPU): 1.0 or 0.0 for a correct or wrong top-1
+    (metric "top1"), or minus the cross-entropy ("loss")."""
+    if metric == "loss":
+        return -torch.nn.functional.cross_entropy(out, y, reduction="none").double().cpu()
+    return (out.argmax(-1) == y).double().cpu()
 
 
 def score(net: Supernet, cfg, side: str, val_data, calib_data, *, calib_batches: int = 20,
@@ -222,8 +225,7 @@ def importance_baseline(space: WidthSpace, importance, budget, thresholds: int =
     constraint. With channels in importance order, the left path of this configuration is what
     global pruning would keep. `fill`: then widened while the budget allows (`widen`)."""
     bounds = constraints(space, budget)
-    scale = [max(float(np.mean(v)), 1e-12) if normalise else 1.0 for v in importance]
-    relative = [np.sort(np.asarray(v, dtype=np.float64) / s)[::-1] for v, s in zip(importance, scale)]
+    relative = _relative_importance(importance, normalise)
     cuts = np.quantile(np.concatenate(relative), np.linspace(0, 1, thresholds))
     # kept[t, g]: channels of group g at or above threshold t; the bin is the widest that keeps no more
     kept = np.stack([(r[None, :] >= cuts[:, None]).sum(1) for r in relative], axis=1)
@@ -237,6 +239,13 @@ def importance_baseline(space: WidthSpace, importance, budget, thresholds: int =
     return widen(space, cfg, importance, budget, normalise) if fill else cfg
 
 
+def _relative_importance(importance, normalise) -> list:
+    """Per group its channels' importance, most important first, divided by the group's mean when
+    `normalise` (importance_baseline says why)."""
+    scale = [max(float(np.mean(v)), 1e-12) if normalise else 1.0 for v in importance]
+    return [np.sort(np.asarray(v, dtype=np.float64) / s)[::-1] for v, s in zip(importance, scale)]
+
+
 def widen(space: WidthSpace, cfg, importance, budget, normalise: bool = True) -> tuple:
     """`cfg` widened one width at a time, in the group whose next channels are the most important
     (`importance` as importance_baseline reads it, the channels in its order), while every constraint
@@ -244,8 +253,7 @@ def widen(space: WidthSpace, cfg, importance, budget, normalise: bool = True) ->
     budget unused (on CIFAR ResNet-56: 120.8 of 125.7 MFLOPs at half the FLOPs; uniform width 63.1
     of 75.4 at 30 %)."""
     bounds = constraints(space, budget)
-    scale = [max(float(np.mean(v)), 1e-12) if normalise else 1.0 for v in importance]
-    relative = [np.sort(np.asarray(v, dtype=np.float64) / s)[::-1] for v, s in zip(importance, scale)]
+    relative = _relative_importance(importance, normalise)
     cfg = np.asarray(space.check(cfg))
     while True:
         wider = space.step(np.repeat(cfg[None], len(space), 0), np.eye(len(space), dtype=np.int64))
@@ -635,6 +643,14 @@ def pareto_search(net: Supernet, budget, train_data, val_data, *, effort: float 
 GUARD_Z = 2.5  # (choice) the best of ~25 noisy scores beats an equal anchor by about 2 standard errors
 
 
+def clearly_better(difference) -> tuple:
+    """(mean, standard error, moved) of per-sample score differences (a candidate's minus the
+    anchor's, paired): moved when the mean exceeds GUARD_Z standard errors."""
+    mean = float(difference.mean())
+    error = float(difference.std() / len(difference) ** 0.5) if len(difference) > 1 else float("inf")
+    return mean, error, mean > GUARD_Z * error
+
+
 def _anchor_guard(net, anchor, best, evaluated, sides, val_data, calib_data, calib_batches, max_batches, metric,
                   output_fn):
     """(the configuration to deliver, the test): the search's best replaces the anchor supernet
@@ -650,9 +666,7 @@ def _anchor_guard(net, anchor, best, evaluated, sides, val_data, calib_data, cal
         samples = [same_draws(score_samples, net, cfg, side, val_data, calib_data, calib_batches=calib_batches,
                               max_batches=max_batches, metric=metric, output_fn=output_fn) for cfg in (best, anchor)]
         difference = difference + (samples[0] - samples[1]) / len(sides)
-    mean = float(difference.mean())
-    error = float(difference.std() / max(len(difference), 1) ** 0.5) if len(difference) > 1 else float("inf")
-    moved = mean > GUARD_Z * error
+    mean, error, moved = clearly_better(difference)
     log.info("anchor guard: the search's best scores %+.4f over the anchor (standard error %.4f): %s", mean, error,
              "delivered" if moved else "the anchor is delivered")
     return (best if moved else anchor), {"anchor": list(anchor), "best": list(best), "difference": mean,

@@ -26,8 +26,8 @@ from ..errors import ConfigError
 from ..reconstruct import Targets, reconstruct
 from ..samplers import local_moves
 from ..seeding import seeded
-from ..search import (GUARD_Z, Evaluated, SearchResult, canonical_bins, constraints, feasible, human, same_draws,
-                      uniform_baseline)
+from ..search import (Evaluated, SearchResult, canonical_bins, clearly_better, constraints, feasible, human,
+                      sample_values, same_draws, uniform_baseline)
 from ..slim import slim
 from ..stopwatch import Stopwatch
 from .base import Fitted, Method, register
@@ -88,12 +88,7 @@ def _held_out_samples(small, held_out, ctx):
     values = []
     with torch.no_grad():
         for x, y in read_batches(held_out, "scoring"):
-            out = logits(small(x.to(device)), ctx.output_fn)
-            y = y.to(device)
-            if ctx.score_metric == "loss":
-                values.append(-torch.nn.functional.cross_entropy(out, y, reduction="none").double().cpu())
-            else:
-                values.append((out.argmax(-1) == y).double().cpu())
+            values.append(sample_values(logits(small(x.to(device)), ctx.output_fn), y.to(device), ctx.score_metric))
     return torch.cat(values)
 
 
@@ -144,9 +139,7 @@ def _search(ctx, candidates, options):
     best = max(candidates.samples, key=lambda k: float(candidates.samples[k].mean()))
     guard = {}
     if best != anchor:
-        difference = candidates.samples[best] - candidates.samples[anchor]
-        mean, error = float(difference.mean()), float(difference.std() / len(difference) ** 0.5)
-        moved = mean > GUARD_Z * error
+        mean, error, moved = clearly_better(candidates.samples[best] - candidates.samples[anchor])
         guard = {"anchor": list(anchor[1]), "anchor_order": anchor[0], "best": list(best[1]), "best_order": best[0],
                  "difference": mean, "standard_error": error, "delivered": "search" if moved else "anchor"}
         log.info("anchor guard: the best candidate scores %+.4f over the anchor (standard error %.4f): %s",
