@@ -14,6 +14,12 @@ distillation from the original model exactly when compress() distils) on the sam
                 'bcnet-repnas={"reparam": "repnas"}': fine-tuning with RepNAS branches, fused
 "TP best" in the table is the better of tp-group-l2 and tp-taylor (by mean accuracy).
 
+Budgets: FLOPs ('flops<=50%') or latency ('latency<=60%@ort-cpu'). A latency budget is timed at
+batch LATENCY_BATCH, one thread: the original is measured first and the percentage becomes an
+absolute limit in microseconds that every row meets by measurement (Torch-Pruning's ratio and the
+uniform bin bisected on the measured latency, compress() given the absolute budget); every row's
+latency is measured again after fine-tuning and reported beside its accuracy.
+
 Modes (how the baselines' fine-tuning compares with compress's training):
   same-ft       baselines fine-tune for compress's fine-tuning epochs
   same-total    baselines fine-tune for compress's supernet + fine-tuning epochs
@@ -59,10 +65,10 @@ MODES = ("same-ft", "same-total")
 OTHER_STAGES = ("prepare_s", "analyze_s", "importance_s", "latency_model_s", "measure_s", "outputs_s", "total_s")
 
 
-def bisect_prune(model, x, flops_limit, make_pruner):
-    """The Torch-Pruning result for the largest ratio step that lands under flops_limit: ratio
-    bisected 14 times on a fresh copy each time (FLOPs fall monotonically with the ratio)."""
-    import compressor as cz
+def bisect_prune(model, x, fits, make_pruner):
+    """The Torch-Pruning result for the largest ratio step whose model `fits` (the budget's test:
+    FLOPs counted, or latency measured): ratio bisected 14 times on a fresh copy each time (the cost
+    falls monotonically with the ratio; a measured latency only nearly so)."""
     lo, hi, best = 0.0, 0.95, None
     for _ in range(14):
         ratio = (lo + hi) / 2
@@ -71,23 +77,66 @@ def bisect_prune(model, x, flops_limit, make_pruner):
             q.grad = None if p.grad is None else p.grad.clone()
         pruner = make_pruner(candidate, ratio)
         pruner.step()
-        if cz.measure_flops(candidate, x) <= flops_limit:
+        if fits(candidate):
             best, hi = candidate, ratio
         else:
             lo = ratio
     if best is None:
-        raise RuntimeError(f"Torch-Pruning found no ratio under {flops_limit:.3g} FLOPs")
+        raise RuntimeError("Torch-Pruning found no ratio that meets the budget")
     return best.train()
 
 
-def tp_prune(kind, model, x, flops_limit, train):
+# images per timed call of a latency budget: at batch 1 a CIFAR ResNet's ONNX Runtime time is mostly
+# per-operator overhead and noise (coefficient of variation 0.7 on the loaded 2-core machine), at 16 it
+# follows the widths (0.06 to 0.13)
+LATENCY_BATCH = 16
+
+
+def budget_test(budget, space, original, x):
+    """What a row must meet: (fits(model) -> bool, the budget compress() gets, compress's example
+    input, measure(model) -> median latency in microseconds, or None for a FLOPs budget). A relative
+    latency budget becomes the absolute limit measured on the original here, so that every row,
+    compress() included, is held to the same number of microseconds on the same runtime."""
+    import compressor as cz
+    from compressor.latency import runtime
+    from compressor.latency.targets import Target
+    (constraint,) = cz.parse_budget(budget)
+    if constraint.metric == "flops":
+        limit = constraint.limit(space.flops(space.max()))
+        return (lambda m: cz.measure_flops(m, x) <= limit), budget, x, None
+    if constraint.metric != "latency":
+        raise SystemExit(f"quality.py compares FLOPs and latency budgets, not {budget!r}")
+    example = torch.randn(LATENCY_BATCH, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    timer = runtime(Target(constraint.target, batch=LATENCY_BATCH, input_shape=tuple(x.shape[1:]), reps=30))
+
+    def measure(model):
+        return timer.measure(model.cpu(), example, warn=False).median_us
+
+    limit = constraint.limit(measure(original)) if constraint.relative else constraint.value
+    return (lambda m: measure(m) <= limit), f"latency<={limit:.0f}us@{constraint.target}", example, measure
+
+
+def widest_uniform(space, original, fits):
+    """The same bin in every group (clipped to each group's allowed bins), the widest whose slim
+    model `fits`, bisected (for a measured latency, where the space has no cost table)."""
+    import numpy as np
+    import compressor as cz
+    config = lambda b: tuple(int(c) for c in np.clip(b, space.min_bins, space.max_bins))  # noqa: E731
+    lo, hi = 1, space.bins
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(cz.slim(original, space, config(mid), "left")) else (lo, mid - 1)
+    return config(lo)
+
+
+def tp_prune(kind, model, x, fits, train):
     import torch_pruning as tp
     ignored = lambda m: [m.get_submodule("linear")]  # noqa: E731  the classifier's outputs are the classes
     if kind == "tp-l1":
-        return bisect_prune(model, x, flops_limit, lambda m, r: tp.pruner.BasePruner(
+        return bisect_prune(model, x, fits, lambda m, r: tp.pruner.BasePruner(
             m, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=r, ignored_layers=ignored(m)))
     if kind == "tp-group-l2":
-        return bisect_prune(model, x, flops_limit, lambda m, r: tp.pruner.BasePruner(
+        return bisect_prune(model, x, fits, lambda m, r: tp.pruner.BasePruner(
             m, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=r, global_pruning=True,
             ignored_layers=ignored(m)))
     if kind == "tp-taylor":
@@ -101,7 +150,7 @@ def tp_prune(kind, model, x, flops_limit, train):
         model.train()
         for xb, yb in batches:
             torch.nn.functional.cross_entropy(model(xb), yb).backward()
-        pruned = bisect_prune(model, x, flops_limit, lambda m, r: tp.pruner.BasePruner(
+        pruned = bisect_prune(model, x, fits, lambda m, r: tp.pruner.BasePruner(
             m, x, importance=tp.importance.GroupTaylorImportance(), pruning_ratio=r, global_pruning=True,
             ignored_layers=ignored(m)))
         pruned.zero_grad(set_to_none=True)
@@ -115,9 +164,11 @@ def summarise(rows, budgets, modes, names):
     """Markdown tables: per budget and mode, each row's mean and min-max over seeds, and time."""
     lines = []
     for budget in budgets:
+        timed = any("latency_us" in r for r in rows if r["budget"] == budget)
         for mode in modes:
-            lines += [f"\n{budget}, {mode}", "| row | seeds | top-1 mean | min-max | MFLOPs | wall s | stages (s) |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += [f"\n{budget}, {mode}", "| row | seeds | top-1 mean | min-max | MFLOPs | "
+                      + ("latency ms (measured) | " if timed else "") + "wall s | stages (s) |",
+                      "|---|---|---|---|---|---|---|" + ("---|" if timed else "")]
             table = {}
             for name in names:
                 found = [r for r in rows if r["budget"] == budget and r["row"] == name
@@ -136,7 +187,8 @@ def summarise(rows, budgets, modes, names):
                         stages[k] = stages.get(k, 0) + v / len(found)
                 lines.append(f"| {name} | {len(found)} | {100 * statistics.mean(acc):.1f} % | {100 * min(acc):.1f}-"
                              f"{100 * max(acc):.1f} | {statistics.mean(r['flops'] for r in found) / 1e6:.1f} | "
-                             f"{statistics.mean(r['seconds'] for r in found):.0f} | "
+                             + (f"{statistics.mean(r['latency_us'] for r in found) / 1e3:.1f} | " if timed else "")
+                             + f"{statistics.mean(r['seconds'] for r in found):.0f} | "
                              + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + " |")
     return "\n".join(lines)
 
@@ -145,7 +197,8 @@ def goals(rows, budgets, modes, method="recon"):
     """Markdown: per budget and mode, `method` against the better Torch-Pruning row (TP best: by mean)
     and the uniform row, seed by seed (the same images and test set), and the time against TP best."""
     lines = ["| budget, mode | seeds | " + method + " | TP best | difference (per seed) | uniform | never below "
-             "uniform | wall s: " + method + " / TP best |", "|---|---|---|---|---|---|---|---|"]
+             "uniform | wall s: " + method + " / TP best | latency ms: " + method + " / TP best |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for budget in budgets:
         for mode in modes:
             def by_seed(name):
@@ -160,11 +213,14 @@ def goals(rows, budgets, modes, method="recon"):
             diff = [100 * (ours[k]["accuracy"] - tps[best][k]["accuracy"]) for k in seeds]
             mean = lambda table: 100 * statistics.mean(table[k]["accuracy"] for k in seeds)  # noqa: E731
             seconds = lambda table: statistics.mean(table[k]["seconds"] for k in seeds)  # noqa: E731
+            latency = lambda table: statistics.mean(table[k]["latency_us"] for k in seeds) / 1e3  # noqa: E731
             below = [k for k in seeds if ours[k]["accuracy"] < uniform[k]["accuracy"]]
             lines.append(f"| {budget}, {mode} | {len(seeds)} | {mean(ours):.1f} % | {mean(tps[best]):.1f} % ({best}) | "
                          f"{statistics.mean(diff):+.1f} ({', '.join(f'{d:+.1f}' for d in diff)}) | {mean(uniform):.1f} % | "
                          f"{'yes' if not below else 'no: seeds ' + str(below)} | {seconds(ours):.0f} / "
-                         f"{seconds(tps[best]):.0f} ({seconds(ours) / seconds(tps[best]):.2f}x) |")
+                         f"{seconds(tps[best]):.0f} ({seconds(ours) / seconds(tps[best]):.2f}x) | "
+                         + (f"{latency(ours):.1f} / {latency(tps[best]):.1f} |" if "latency_us" in ours[seeds[0]]
+                            else "- |"))
     return "\n".join(lines)
 
 
@@ -192,7 +248,7 @@ def main():
     parser.add_argument("--setting", choices=SETTINGS, default="cpu")
     parser.add_argument("--model", choices=("resnet56", "resnet20"), default="resnet56",
                         help="the pretrained CIFAR network (resnet20: a check on a network the defaults were not chosen on)")
-    parser.add_argument("--budgets", default="flops<=50%;flops<=30%", help="';'-separated budgets")
+    parser.add_argument("--budgets", default="flops<=50%;flops<=30%", help="';'-separated budgets: flops<=P% or latency<=P%@TARGET")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rows", default=",".join(BASELINES + tuple(METHODS.names())))
     parser.add_argument("--modes", default=",".join(MODES))
@@ -271,8 +327,10 @@ def main():
             torch.manual_seed(seed)
             return load_pretrained(getattr(cifar, args.model)(), weights).to(device)
 
-        def record(budget, row, mode, model, seconds, **extra):
+        def record(budget, row, mode, model, seconds, measure=None, **extra):
             model = model.to(device).eval()
+            if measure is not None:  # every row timed the same way, after its fine-tuning
+                extra["latency_us"] = round(measure(model), 1)
             rows.append(dict(budget=budget, seed=seed, row=row, mode=mode, accuracy=accuracy(model, test),
                              flops=cz.measure_flops(model.cpu(), x), params=cz.count_params(model),
                              seconds=round(seconds, 1), commit=code, **extra))
@@ -281,7 +339,7 @@ def main():
 
         for budget in budgets:
             space = cz.analyze(pretrained().cpu(), x)
-            limit = cz.parse_budget(budget)[0].limit(space.flops(space.max()))
+            fits, compress_budget, example, measure = budget_test(budget, space, pretrained().cpu(), x)
             for row in names:
                 for mode in (["both"] if row not in BASELINES else modes):
                     if (budget, seed, row, mode) in done or (row == "original" and budget != budgets[0]):
@@ -293,20 +351,22 @@ def main():
                         if row == "original":
                             small, stages = copy.deepcopy(original), {}
                         elif row == "uniform":
-                            small = cz.slim(original, space, uniform_baseline(space, budget), "left")
+                            uniform = uniform_baseline(space, budget) if measure is None else \
+                                widest_uniform(space, original.cpu(), fits)
+                            small = cz.slim(original, space, uniform, "left")
                             stages = {}
                         else:
-                            small = tp_prune(row, original.cpu(), x, limit, train).to(device)
+                            small = tp_prune(row, original.cpu(), x, fits, train).to(device)
                             stages = {"prune": time.time() - t0}
                         t1 = time.time()
                         finetune(small, train, epochs=epochs[mode], teacher=ft_teacher, **ft)
                         stages["finetune"] = time.time() - t1
-                        record(budget, row, mode, small, time.time() - t0, stages=stages,
+                        record(budget, row, mode, small, time.time() - t0, measure, stages=stages,
                                finetune_epochs=epochs[mode])
                     else:
                         options = dict(variants.get(row, {}))
                         method = options.pop("method", row if row in METHODS else CompressConfig.method)
-                        result = compress(original, budget, train, None, example_input=x, method=method,
+                        result = compress(original, compress_budget, train, None, example_input=example, method=method,
                                           supernet_epochs=setting["supernet_epochs"],
                                           finetune_epochs=setting["finetune_epochs"], effort=setting["effort"],
                                           calib_batches=setting["calib_batches"], batch_size=setting["batch_size"],
@@ -316,7 +376,7 @@ def main():
                         t = result.timings
                         stages = {k[:-2]: v for k, v in t.items() if k not in OTHER_STAGES}
                         stages["other"] = t["total_s"] - sum(stages.values())
-                        record(budget, row, mode, result.model, time.time() - t0, stages=stages,
+                        record(budget, row, mode, result.model, time.time() - t0, measure, stages=stages,
                                widths=result.widths, side=result.side, supernet_score=result.supernet_score,
                                inherited=result.search.get("inherited"),
                                **({"reparam_kept": result.reparam["kept"]} if result.reparam else {}))
