@@ -213,12 +213,15 @@ def goals(rows, budgets, modes, method="recon"):
             diff = [100 * (ours[k]["accuracy"] - tps[best][k]["accuracy"]) for k in seeds]
             mean = lambda table: 100 * statistics.mean(table[k]["accuracy"] for k in seeds)  # noqa: E731
             seconds = lambda table: statistics.mean(table[k]["seconds"] for k in seeds)  # noqa: E731
+            cpu = lambda table: statistics.mean(table[k]["cpu_seconds"] for k in seeds)  # noqa: E731
             latency = lambda table: statistics.mean(table[k]["latency_us"] for k in seeds) / 1e3  # noqa: E731
             below = [k for k in seeds if ours[k]["accuracy"] < uniform[k]["accuracy"]]
             lines.append(f"| {budget}, {mode} | {len(seeds)} | {mean(ours):.1f} % | {mean(tps[best]):.1f} % ({best}) | "
                          f"{statistics.mean(diff):+.1f} ({', '.join(f'{d:+.1f}' for d in diff)}) | {mean(uniform):.1f} % | "
                          f"{'yes' if not below else 'no: seeds ' + str(below)} | {seconds(ours):.0f} / "
-                         f"{seconds(tps[best]):.0f} ({seconds(ours) / seconds(tps[best]):.2f}x) | "
+                         f"{seconds(tps[best]):.0f} ({seconds(ours) / seconds(tps[best]):.2f}x)"
+                         + (f"; CPU s {cpu(ours):.0f} / {cpu(tps[best]):.0f} ({cpu(ours) / cpu(tps[best]):.2f}x)"
+                            if all("cpu_seconds" in t[k] for t in (ours, tps[best]) for k in seeds) else "") + " | "
                          + (f"{latency(ours):.1f} / {latency(tps[best]):.1f} |" if "latency_us" in ours[seeds[0]]
                             else "- |"))
     return "\n".join(lines)
@@ -344,7 +347,9 @@ def main():
                 for mode in (["both"] if row not in BASELINES else modes):
                     if (budget, seed, row, mode) in done or (row == "original" and budget != budgets[0]):
                         continue
-                    t0 = time.time()
+                    # wall time, and the process's CPU time: on a shared machine the ratio of two rows'
+                    # CPU times still says how much work each did (one torch thread, no loader workers)
+                    t0, c0 = time.time(), time.process_time()
                     original = pretrained()
                     if row in BASELINES:
                         ft_teacher = copy.deepcopy(original).eval() if default_distill else None
@@ -362,6 +367,7 @@ def main():
                         finetune(small, train, epochs=epochs[mode], teacher=ft_teacher, **ft)
                         stages["finetune"] = time.time() - t1
                         record(budget, row, mode, small, time.time() - t0, measure, stages=stages,
+                               cpu_seconds=round(time.process_time() - c0, 1),
                                finetune_epochs=epochs[mode])
                     else:
                         options = dict(variants.get(row, {}))
@@ -377,6 +383,7 @@ def main():
                         stages = {k[:-2]: v for k, v in t.items() if k not in OTHER_STAGES}
                         stages["other"] = t["total_s"] - sum(stages.values())
                         record(budget, row, mode, result.model, time.time() - t0, measure, stages=stages,
+                               cpu_seconds=round(time.process_time() - c0, 1),
                                widths=result.widths, side=result.side, supernet_score=result.supernet_score,
                                inherited=result.search.get("inherited"),
                                **({"reparam_kept": result.reparam["kept"]} if result.reparam else {}))
