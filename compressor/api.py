@@ -92,7 +92,7 @@ class CompressionResult:
         return json.dumps(without_nan(d), indent=1, allow_nan=False)
 
 
-def plot_pareto(history, chosen, limit, path, metric="flops"):
+def plot_pareto(history, chosen, limit, path, metric="flops", score="held-out top-1 (supernet)"):
     """Held-out score against FLOPs of every evaluated candidate, the chosen one and the budget."""
     import matplotlib
     matplotlib.use("Agg")
@@ -105,7 +105,7 @@ def plot_pareto(history, chosen, limit, path, metric="flops"):
     if metric == "flops":
         ax.axvline(limit / 1e6, color="gray", linestyle="--", label="budget")
     ax.set_xlabel("MFLOPs per sample")
-    ax.set_ylabel("held-out top-1 (supernet)")
+    ax.set_ylabel(score)
     ax.legend(loc="lower right")
     fig.tight_layout()
     with atomic_output(path) as tmp:
@@ -750,7 +750,8 @@ def _write_outputs(result, small, source, space, found, bounds, x, out_dir, expo
         history = [dict(e, score=(e["score_left"] + e["score_right"]) / 2 if e["score_right"] == e["score_right"]
                         else e["score_left"]) for e in result.search["history"]]
         chosen = next(e for e in history if tuple(e["cfg"]) == tuple(found.cfg))
-        plot_pareto(history, chosen, bounds[0].limit, stage.path("pareto.png"), bounds[0].metric)
+        plot_pareto(history, chosen, bounds[0].limit, stage.path("pareto.png"), bounds[0].metric,
+                    *([f"held-out {result.search['task']} score"] if "task" in result.search else []))
         paths["pareto"] = stage.final(stage.path("pareto.png"))
         for fmt in export:
             from .exporters import export_file
