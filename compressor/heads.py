@@ -59,6 +59,13 @@ def data_dependent_cost(model: nn.Module) -> str | None:
     return None
 
 
+def region_layers(model: nn.Module) -> tuple:
+    """Name prefixes of the layers that run on the regions a detector proposes (Faster R-CNN's box
+    head and predictor): the full and the slim model propose different regions, so these layers'
+    inputs and outputs do not pair up row by row, and reconstruction leaves them as they are."""
+    return ("roi_heads.",) if isinstance(model, GeneralizedRCNN) else ()
+
+
 def raw_outputs(model: nn.Module, *args):
     """model(*args), or a detector's head outputs from that forward pass (a list in the order they
     were computed)."""

@@ -26,6 +26,7 @@ from torch import nn
 
 from .batches import read_batches
 from .errors import ConfigError
+from .heads import region_layers
 from .slim import inactive_indices
 
 log = logging.getLogger("compressor.reconstruct")
@@ -122,7 +123,8 @@ class Targets:
         if batches < 1 or positions < 1:
             raise ConfigError(f"reconstruct needs batches and positions >= 1, got {batches}, {positions}")
         self.full, self.positions = full, positions
-        self.names = [name for name, m in full.named_modules() if _fittable(m)]
+        unpaired = region_layers(full)  # run on regions the slim model proposes differently
+        self.names = [name for name, m in full.named_modules() if _fittable(m) and not name.startswith(unpaired)]
         device = next(full.parameters()).device
         pick, images = images or (lambda batch: batch[0]), []
         for batch in read_batches(data, "reconstruction"):
