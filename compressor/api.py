@@ -27,6 +27,7 @@ from .errors import ConfigError, InfeasibleBudgetError
 from .files import atomic_output, atomic_torch_save, check_writable, without_nan, write_text_atomic
 from .finetune import accuracy, finetune
 from .formats import export_format
+from .heads import data_dependent_cost
 from .latency import build_latency_model, runtime
 from . import outputs, pareto
 from . import trained as supernets
@@ -45,7 +46,8 @@ from .space import analyze
 from .supernet import supernet
 from .timing import cpu_latency_ms
 from .train import train_supernet
-from .validate import check_inputs, check_split
+from .tasks import CLASSIFICATION, get_task
+from .validate import check_inputs, check_split, check_task_inputs
 
 log = logging.getLogger("compressor")
 LATENCY_RETRIES = 2  # searches again with a tightened limit when the delivered model is too slow
@@ -90,7 +92,7 @@ class CompressionResult:
         return json.dumps(without_nan(d), indent=1, allow_nan=False)
 
 
-def plot_pareto(history, chosen, limit, path, metric="flops"):
+def plot_pareto(history, chosen, limit, path, metric="flops", score="held-out top-1 (supernet)"):
     """Held-out score against FLOPs of every evaluated candidate, the chosen one and the budget."""
     import matplotlib
     matplotlib.use("Agg")
@@ -103,7 +105,7 @@ def plot_pareto(history, chosen, limit, path, metric="flops"):
     if metric == "flops":
         ax.axvline(limit / 1e6, color="gray", linestyle="--", label="budget")
     ax.set_xlabel("MFLOPs per sample")
-    ax.set_ylabel("held-out top-1 (supernet)")
+    ax.set_ylabel(score)
     ax.legend(loc="lower right")
     fig.tight_layout()
     with atomic_output(path) as tmp:
@@ -113,7 +115,7 @@ def plot_pareto(history, chosen, limit, path, metric="flops"):
 
 def compress(model: nn.Module, budget, train_data, val_data=None, *, config: CompressConfig | None = None,
              example_input=None, device=None, out_dir=None, progress=True, latency_options=None, source=None,
-             restart=False, keep_checkpoints=False, output_fn=None, **options) -> CompressionResult:
+             restart=False, keep_checkpoints=False, output_fn=None, task=None, **options) -> CompressionResult:
     """Compress a pretrained `model` to meet `budget` (e.g. "flops<=50%" or "flops<=50%,params<=2M").
 
     `options` are the fields of CompressConfig (method, supernet_epochs, finetune_epochs, effort,
@@ -149,22 +151,30 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, config: Com
     artifacts that this run does not produce are removed, and the supernet checkpoints are removed
     after success unless `keep_checkpoints=True`. DataParallel / DDP models are unwrapped. The
     user's model is never modified.
+
+    `task` (compressor.tasks: a Task, or "classification", "detection", "segmentation"; default
+    classification): what the model is fine-tuned on (its loss) and how candidates are ranked (its
+    per-sample score on the held-out split). Another task than classification runs the default
+    method "recon" (the supernet methods train with the classification loss), takes `train_data`
+    items the task reads (a Dataset is batched with the task's collate), fine-tunes without
+    distillation, reports val_data's "score" instead of "accuracy", and is refused with `output_fn`,
+    `export`, `reparam` or a Taylor channel order; it is checked on the first training batch first.
     """
     cfg = CompressConfig.build(config, **options)
     with seeded(cfg.seed):
         return _compress(model, budget, train_data, val_data, cfg, example_input=example_input, device=device,
                          out_dir=out_dir, progress=progress, latency_options=latency_options, source=source,
-                         restart=restart, keep_checkpoints=keep_checkpoints, output_fn=output_fn)
+                         restart=restart, keep_checkpoints=keep_checkpoints, output_fn=output_fn, task=task)
 
 
 def _compress(model, budget, train_data, val_data, cfg, *, example_input, device, out_dir, progress, latency_options,
-              source, restart, keep_checkpoints, output_fn) -> CompressionResult:
+              source, restart, keep_checkpoints, output_fn, task) -> CompressionResult:
     clock = Stopwatch()
     model = unwrap(model)
     with clock("prepare"):
         run, = _prepare(model, [parse_budget(budget)], train_data, val_data, cfg, clock, example_input=example_input,
                         device=device, out_dirs=[out_dir], progress=progress, latency_options=latency_options,
-                        source=source, restart=restart, output_fn=output_fn)
+                        source=source, restart=restart, output_fn=output_fn, task=task)
     ctx = replace(run.context, keep_supernet=bool(out_dir))
     fitted = _fit_method(ctx) if ctx.method.fit else _fit_supernet(ctx)  # a method that is not a supernet
     trained = None                                                           # replaces the whole step
@@ -187,6 +197,8 @@ def _deliver(run, ctx, cfg, fitted, clock, out_dir, progress, output_fn, keep_ch
     with clock("finetune"):  # the held-out split has done its job (ranking candidates): all the training data
         tune = dict(epochs=epochs, lr=cfg.finetune_lr, teacher=ctx.teacher, seed=cfg.seed,
                     progress=progress, output_fn=output_fn)
+        if ctx.task is not None:  # the task's loss alone (no distillation: see compress's docstring)
+            tune.update(teacher=None, task=ctx.task)
         data = run.batches.loader(run.train, shuffle=True, seed=cfg.seed)
         if cfg.reparam == "repnas":  # with searched branches, fused again: `small` keeps its architecture
             branches = finetune_repnas(small, data, run.example, cfg.reparam_options, **tune)
@@ -200,6 +212,8 @@ def _deliver(run, ctx, cfg, fitted, clock, out_dir, progress, output_fn, keep_ch
         method=ctx.method.name, budget=str(ctx.budget), limits=ctx.limits, original=before, result=measured,
         supernet_score=found.score, timings={},
         search=dict(found.to_dict(), latency_attempts=fitted.attempts), reparam=branches, supernet=supernet)
+    if ctx.task is not None:
+        result.search["task"] = ctx.task.name
     if not result.meets_budget():  # the cost model is exact: this would be a bug, not a near miss
         raise RuntimeError(f"the slim model misses the budget: {measured} vs {ctx.limits}")
     if out_dir:
@@ -359,17 +373,24 @@ class _Run:
 
 
 def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input, device, out_dirs, progress,
-             latency_options, source, restart, output_fn) -> list:
+             latency_options, source, restart, output_fn, task=None) -> list:
     """Every check that needs no training, the width space and its constraints (an infeasible
     budget fails here), the latency models, and the channel order: one _Run per budget (and its
-    out_dir, or None), sharing all but what depends on the budget (search_trained runs several)."""
+    out_dir, or None), sharing all but what depends on the budget (search_trained runs several).
+    `task`: None or classification keeps the classification path; another, compress's docstring."""
     spec = get_method(cfg.method)
     options = spec.parse_options(cfg.method_options)
     if cfg.export and not all(out_dirs):
         raise ConfigError("export needs out_dir: the artifacts are written there")
-    inputs = check_inputs(model, train_data, val_data, example_input=example_input, batch_size=cfg.batch_size,
-                          device=device, output_fn=output_fn, latency_options=latency_options,
-                          search_fraction=cfg.search_fraction)
+    task = get_task(task)
+    task = None if task is CLASSIFICATION else task
+    check = dict(example_input=example_input, batch_size=cfg.batch_size, device=device, output_fn=output_fn,
+                 latency_options=latency_options, search_fraction=cfg.search_fraction)
+    if task is None:
+        inputs = check_inputs(model, train_data, val_data, **check)
+    else:
+        _check_task_config(task, cfg, spec, model, budgets)
+        inputs = check_task_inputs(task, model, train_data, val_data, **check)
     batches, device = inputs.options, inputs.device
     fit_data, held_out = train_val_split(inputs.train, cfg.search_fraction, cfg.seed, labels=inputs.labels)
     check_split(fit_data, held_out, batches, cfg.search_fraction)
@@ -381,7 +402,9 @@ def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input,
     original = copy.deepcopy(model).to(device).eval()  # the frozen reference (and distillation teacher)
     work = copy.deepcopy(model).to(device)
     before = {}
-    if inputs.val is not None:  # first: a bad label or file in val_data fails here, not after fine-tuning
+    if inputs.val is not None and task is not None:
+        before["score"] = task.score(original, inputs.val_loader)
+    elif inputs.val is not None:  # first: a bad label or file in val_data fails here, not after fine-tuning
         before["accuracy"] = accuracy(original, inputs.val_loader, output_fn=output_fn)
     x = inputs.example.to(device)
     with clock("analyze"):
@@ -415,7 +438,7 @@ def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input,
         lr=cfg.lr, effort=cfg.effort, calib_batches=cfg.calib_batches, conv_impl=cfg.conv_impl, seed=cfg.seed,
         progress=progress, score_metric=cfg.score_metric, inherit=cfg.inherit, sides=cfg.sides, restart=restart,
         final_batches=cfg.final_batches, output_fn=output_fn, batches=batches, score_original=cfg.score_original,
-        sampling=cfg.supernet_sampling, reconstruct=cfg.reconstruct)
+        sampling=cfg.supernet_sampling, reconstruct=cfg.reconstruct, task=task)
     runs, weights = [], weights_hash(model)
     for budget, bounds, out_dir in zip(budgets, bounds_of, out_dirs):
         context = replace(
@@ -435,6 +458,26 @@ def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input,
 
 
 _TRAINER_RECORDS = ("method", "method_options", "seed", "batch_size", "lr", "sides")
+
+
+def _check_task_config(task, cfg, spec, model, budgets):
+    """The options a task other than classification cannot run with, refused before any work."""
+    varies = data_dependent_cost(model)
+    costs = sorted({c.metric for b in budgets for c in b} - {"params"})
+    if varies and costs:
+        raise ConfigError(f"a {' and '.join(costs)} budget cannot be met exactly on {type(model).__name__}: {varies}; "
+                          "give a parameter budget (e.g. 'params<=50%')")
+    refused = [(spec.name != "recon", f"method={spec.name!r} trains a supernet with the classification loss",
+                "leave method at 'recon' (the default)"),
+               (bool(cfg.export), f"export={list(cfg.export)}: exporting a detector's or segmenter's "
+                                  "post-processing is not supported", "leave export out"),
+               (cfg.reparam is not None, f"reparam={cfg.reparam!r} fine-tunes with the classification loss",
+                "leave reparam out"),
+               (cfg.channel_order.startswith("taylor"), f"channel_order={cfg.channel_order!r} takes gradients "
+                                                         "of the classification loss", "use 'l2' or 'l1'")]
+    for bad, what, fix in refused:
+        if bad:
+            raise ConfigError(f"task {task.name!r}: {what}; {fix}")
 
 
 def _training_window(bounds, low, sampling):
@@ -464,7 +507,9 @@ def _measure(run, small, attempts, output_fn):
         measured["latency"] = attempts[-1]["measured_us"] if attempts[-1]["measured_us"] is not None \
             else attempts[-1]["predicted_us"]
         measured["latency_predicted"] = attempts[-1]["predicted_us"]
-    if run.val_loader is not None:
+    if run.val_loader is not None and ctx.task is not None:
+        measured["score"] = ctx.task.score(small, run.val_loader)
+    elif run.val_loader is not None:
         measured["accuracy"] = accuracy(small, run.val_loader, output_fn=output_fn)
     return before, measured
 
@@ -705,7 +750,8 @@ def _write_outputs(result, small, source, space, found, bounds, x, out_dir, expo
         history = [dict(e, score=(e["score_left"] + e["score_right"]) / 2 if e["score_right"] == e["score_right"]
                         else e["score_left"]) for e in result.search["history"]]
         chosen = next(e for e in history if tuple(e["cfg"]) == tuple(found.cfg))
-        plot_pareto(history, chosen, bounds[0].limit, stage.path("pareto.png"), bounds[0].metric)
+        plot_pareto(history, chosen, bounds[0].limit, stage.path("pareto.png"), bounds[0].metric,
+                    *([f"held-out {result.search['task']} score"] if "task" in result.search else []))
         paths["pareto"] = stage.final(stage.path("pareto.png"))
         for fmt in export:
             from .exporters import export_file

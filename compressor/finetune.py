@@ -15,6 +15,7 @@ from .errors import ConfigError
 from .progress import Progress
 from .batches import check_labels, logits, read_batches
 from .seeding import seeded
+from .tasks import move
 
 log = logging.getLogger("compressor.finetune")
 
@@ -57,20 +58,22 @@ def accuracy(model: nn.Module, data, batch_size=256, max_batches=None, output_fn
 
 def finetune(model: nn.Module, train_data, *, epochs=1.0, batch_size=64, lr=0.01, momentum=0.9,
              weight_decay=4e-5, label_smoothing=0.1, teacher: nn.Module = None, distill_weight=0.5,
-             seed=0, progress=True, output_fn=None, on_step=None) -> dict:
+             seed=0, progress=True, output_fn=None, on_step=None, task=None) -> dict:
     """Train `model` in place; returns {"steps", "seconds", "final_loss"}. `output_fn` picks the
     logits from the model's (and the teacher's) output. `on_step(step, steps)` runs after each
     optimiser step (RepNAS ends its branch search there). `seed`: the order of the batches and every
-    other draw (augmentations, dropout), which then do not depend on the caller's generator state."""
+    other draw (augmentations, dropout), which then do not depend on the caller's generator state.
+    `task`: a compressor.tasks.Task whose loss(model, batch) replaces the classification loss
+    (then label smoothing, the teacher and output_fn do not apply)."""
     with seeded(seed):
         return _train(model, train_data, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                       weight_decay=weight_decay, label_smoothing=label_smoothing, teacher=teacher,
                       distill_weight=distill_weight, seed=seed, progress=progress, output_fn=output_fn,
-                      on_step=on_step)
+                      on_step=on_step, task=task)
 
 
 def _train(model, train_data, *, epochs, batch_size, lr, momentum, weight_decay, label_smoothing, teacher,
-           distill_weight, seed, progress, output_fn, on_step) -> dict:
+           distill_weight, seed, progress, output_fn, on_step, task=None) -> dict:
     data = loader(train_data, batch_size, shuffle=True, seed=seed)
     steps = int(math.ceil(epochs * len(data)))
     if steps <= 0:
@@ -85,11 +88,15 @@ def _train(model, train_data, *, epochs, batch_size, lr, momentum, weight_decay,
     t0, step, loss_value = time.time(), 0, float("nan")
     bar = Progress(steps, "fine-tune", enabled=progress, log=log)
     while step < steps:
-        for x, y in read_batches(data, f"fine-tuning after step {step}"):
-            x, y = x.to(device), y.to(device)
-            out = logits(model(x), output_fn)
-            check_labels(y, out.shape[-1], f"fine-tuning step {step}")
-            loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+        for batch in read_batches(data, f"fine-tuning after step {step}"):
+            if task is not None:
+                loss = task.loss(model, move(batch, device))
+            else:
+                x, y = batch
+                x, y = x.to(device), y.to(device)
+                out = logits(model(x), output_fn)
+                check_labels(y, out.shape[-1], f"fine-tuning step {step}")
+                loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
             if teacher is not None:
                 with torch.no_grad():
                     soft = F.softmax(logits(teacher(x), output_fn), -1)

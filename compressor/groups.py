@@ -18,9 +18,11 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .errors import ConfigError, UnsupportedModelError
-from .layers import LAYER_KINDS, layer_kind
+from .heads import raw_outputs
+from .layers import LAYER_KINDS, frozen_bn_size, layer_kind
 
 _PASS_THROUGH_OPS = {
     tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE,
@@ -173,13 +175,14 @@ def _failing_op_of_node(node, model):
 def build_graph(model: nn.Module, example_input: torch.Tensor, train_mode: bool = False) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of `model` (which must be a private copy: tracing runs
     a forward pass; Torch-Pruning leaves it in eval mode). `train_mode` traces a train-mode forward."""
-    def forward(module, x):
-        return module.train(train_mode)(x)
+    def forward(module, x):  # a detector's raw head outputs: its post-processing is no channel graph
+        return raw_outputs(module.train(train_mode), x)
 
     try:
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, forward_fn=forward,
-                                                          verbose=False)
+                                                          verbose=False,
+                                                          customized_pruners={FrozenBatchNorm2d: _FrozenNorm()})
     except Exception as e:
         raise _unsupported(model, e, lambda module, op: (
             f"Torch-Pruning cannot map channels through the op {op} after module '{module}' "
@@ -187,6 +190,23 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, train_mode: bool 
             f"channel dimension with others, cannot be slimmed.")) from e
     _check_splits(model, graph)
     return graph
+
+
+class _FrozenNorm(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning's view of torchvision's FrozenBatchNorm2d: batch norm's (one channel index in
+    and out), so that the channels through it form one group; slimming is layers.py's."""
+
+    def prune_out_channels(self, layer, idxs):
+        keep = torch.from_numpy(np.setdiff1d(np.arange(frozen_bn_size(layer)), idxs))
+        LAYER_KINDS["frozen_bn"].select(layer, "out", keep)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer):
+        return frozen_bn_size(layer)
+
+    get_in_channels = get_out_channels
 
 
 def _check_splits(model, graph):

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -32,6 +33,8 @@ def layer_kind(module: nn.Module) -> str:
         return "linear"
     if isinstance(module, _BN):
         return "bn"
+    if isinstance(module, FrozenBatchNorm2d):
+        return "frozen_bn"
     return type(module).__name__
 
 
@@ -76,14 +79,18 @@ def _conv_params(module):
     return (module.kernel_size, module.stride, module.padding, module.dilation, module.groups)
 
 
+def frozen_bn_size(module) -> int:
+    return module.weight.shape[0]
+
+
 @dataclass(frozen=True)
 class LayerKind:
     """What one kind of layer is to the compressor. Its input channels are a dimension of their
     own (`in_dim`, the weight dim that indexes them) or the output channels themselves (None:
     batch norm, depthwise conv), and then they follow the output's width group."""
     name: str
-    out_size: str                  # attribute holding the number of output channels
-    in_size: str                   # ... of input channels
+    out_size: str | Callable       # attribute holding the number of output channels (or module -> it)
+    in_size: str | Callable        # ... of input channels
     in_dim: int | None             # weight dim of the input channels; None: they are the output channels
     out_tensors: tuple             # parameters and buffers indexed by output channel (dim 0)
     resized: tuple                 # attributes set to the new count when its output channels are selected
@@ -98,7 +105,8 @@ class LayerKind:
 
     def size(self, module, role) -> int:
         """The number of channels of `module` on `role` ("out": outputs or normalised features)."""
-        return getattr(module, self.out_size if role == "out" else self.in_size)
+        size = self.out_size if role == "out" else self.in_size
+        return size(module) if callable(size) else getattr(module, size)
 
     def weight_dim(self, role) -> int:
         """The weight dimension that indexes the channels on `role`."""
@@ -145,6 +153,11 @@ LAYER_KINDS = {k.name: k for k in (
               out_tensors=("weight", "bias", "running_mean", "running_var"), resized=("num_features",),
               shape_attrs=("num_features",), maskable=True, window="norm",
               cost=lambda m: Cost(0, 2 if m.affine else 0, fixed_in=0), flops=False),
+    # torchvision's FrozenBatchNorm2d (the backbones of its detectors with pretrained weights): four
+    # buffers, no parameters and no num_features; the supernet runs it at full width and masks it
+    LayerKind("frozen_bn", out_size=frozen_bn_size, in_size=frozen_bn_size, in_dim=None,
+              out_tensors=("weight", "bias", "running_mean", "running_var"), resized=(), shape_attrs=(),
+              maskable=True, cost=lambda m: Cost(0, 0, fixed_in=0), flops=False),
 )}
 
 

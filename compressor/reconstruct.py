@@ -26,6 +26,7 @@ from torch import nn
 
 from .batches import read_batches
 from .errors import ConfigError
+from .heads import region_layers
 from .slim import inactive_indices
 
 log = logging.getLogger("compressor.reconstruct")
@@ -125,19 +126,21 @@ def _solve(x, y, weight, bias, groups, ridge):
 class Targets:
     """What the full model computes, recorded once for any number of slim models of it: its outputs
     of every fittable layer at the sampled positions (all channels, float32), on the images of the
-    first `batches` batches of `data` (an iterable of (x, y); the labels are not used)."""
+    first `batches` batches of `data` (an iterable of (x, y); the labels are not used; `images`
+    picks the image tensor of another kind of batch, e.g. a tasks.Task's images)."""
 
-    def __init__(self, full: nn.Module, data, *, batches: int = 6, positions: int = 32):
+    def __init__(self, full: nn.Module, data, *, batches: int = 6, positions: int = 32, images=None):
         if batches < 1 or positions < 1:
             raise ConfigError(f"reconstruct needs batches and positions >= 1, got {batches}, {positions}")
         self.full, self.positions = full, positions
-        self.names = [name for name, m in full.named_modules() if _fittable(m)]
+        unpaired = region_layers(full)  # run on regions the slim model proposes differently
+        self.names = [name for name, m in full.named_modules() if _fittable(m) and not name.startswith(unpaired)]
         device = next(full.parameters()).device
-        images = []
-        for x, _ in read_batches(data, "reconstruction"):
+        pick, images = images or (lambda batch: batch[0]), []
+        for batch in read_batches(data, "reconstruction"):
             if len(images) == batches:
                 break
-            images.append(x.to(device))
+            images.append(pick(batch).to(device))
         if not images:
             raise ConfigError("reconstruction got no batch from its data")
         self.images = torch.cat(images)  # one forward: each layer is fitted to what the fitted layers before it give

@@ -17,6 +17,7 @@ from ._version import __version__
 from .errors import ConfigError, UnsupportedModelError
 from .files import atomic_torch_save
 from .groups import innermost_module_on_error
+from .heads import raw_outputs
 from .layers import LAYER_KINDS, kind_of
 from .models import PROJECT_BUILDERS, is_known_builder, load_model
 from .space import WidthSpace, check_side
@@ -221,10 +222,10 @@ def _check_parity(model, space, cfg, side, small, x, tolerance):
     handles += [small.get_submodule(n).register_forward_hook(recorder("small", n)) for n in names]
     try:
         with torch.no_grad():
-            y_net = net(x)
+            y_net = raw_outputs(net.model, x)  # a detector: its heads' outputs, before post-processing
             try:
                 with innermost_module_on_error(small) as culprit:
-                    y_small = small(x)
+                    y_small = raw_outputs(small, x)
             except RuntimeError as e:  # a shape error: channels used by an op no layer owns
                 name, kind = culprit[0] if culprit else (type(model).__name__, "?")
                 raise UnsupportedModelError(

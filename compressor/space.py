@@ -10,6 +10,7 @@ from torch import nn
 
 from .cost import CostModel
 from .errors import ConfigError, UnsupportedModelError
+from .heads import check_supported
 from .groups import build_graph, find_groups, graph_time_limit, run_checked
 
 SIDES = ("left", "right")
@@ -299,6 +300,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, bins: int = 20, divis
     if isinstance(exclude, (str, type)):
         exclude = (exclude,)
 
+    check_supported(model)
     work = copy.deepcopy(model).eval()
     example_input = example_input.detach().to(next(work.parameters(), example_input).device)
     with torch.no_grad():

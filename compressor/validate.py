@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 from torch.utils.data._utils.collate import default_collate
 from torchvision.datasets import DatasetFolder
 
-from .batches import explain, check_labels, logits
+from .batches import explain, check_labels, logits, read_batches
 from .errors import CompressorError, ConfigError
 from .space import check_model as check_module
+from .tasks import check_task
 
 log = logging.getLogger("compressor")
 PROBE_ITEMS = 8  # items read up front, spread over a dataset, to check their type, size and labels
@@ -291,29 +292,11 @@ def check_inputs(model, train_data, val_data, *, example_input, batch_size, devi
                  latency_options, search_fraction) -> Inputs:
     """Everything about compress()'s inputs that can be known before any training; see the README
     section "What compress() checks"."""
-    check_model(model)
-    check_batch_size(batch_size)
-    device = check_device(device)
-    check_latency_options(latency_options)
-    if output_fn is not None and not callable(output_fn):
-        raise ConfigError(f"output_fn must be a function of the model's output, got {type(output_fn).__name__}")
-    if not isinstance(search_fraction, (int, float)) or not 0 < search_fraction < 1:
-        raise ConfigError(f"search_fraction must be between 0 and 1 (the share of train_data held out to score "
-                          f"candidates), got {search_fraction!r}")
-    if train_data is None:
-        raise ConfigError("train_data is empty: compress needs the user's training data")
+    device = _check_options(model, train_data, batch_size, device, output_fn, latency_options, search_fraction)
     user_batch = batch_size
     train, options = as_dataset(train_data, "train_data", batch_size)
     x, _ = probe_batch(train, options, "train_data")
-    if example_input is None:
-        example_input = x[:1]
-    elif not isinstance(example_input, torch.Tensor):
-        raise ConfigError(f"example_input must be a torch.Tensor (e.g. torch.randn(1, 3, 224, 224)), got "
-                          f"{type(example_input).__name__}")
-    elif example_input.dim() < 2 or not example_input.is_floating_point() or not example_input.numel():
-        raise ConfigError(f"example_input must be a float batch (N, C, ...) such as torch.randn(1, 3, 224, 224), "
-                          f"got {example_input.dtype} of shape {tuple(example_input.shape)}")
-    example = example_input[:1].detach()
+    example = _example(example_input, x)
     classes = model_classes(model, example, output_fn)
 
     labels = labels_of(train, options.collate)
@@ -333,6 +316,56 @@ def check_inputs(model, train_data, val_data, *, example_input, batch_size, devi
     if options.batch_size != user_batch:
         log.info("using the DataLoader's batch size %d", options.batch_size)
     return Inputs(train, val, options, val_loader, example, classes, device, labels)
+
+
+def _check_options(model, train_data, batch_size, device, output_fn, latency_options, search_fraction):
+    """The checks of compress()'s arguments that read no data; returns the torch.device."""
+    check_model(model)
+    check_batch_size(batch_size)
+    device = check_device(device)
+    check_latency_options(latency_options)
+    if output_fn is not None and not callable(output_fn):
+        raise ConfigError(f"output_fn must be a function of the model's output, got {type(output_fn).__name__}")
+    if not isinstance(search_fraction, (int, float)) or not 0 < search_fraction < 1:
+        raise ConfigError(f"search_fraction must be between 0 and 1 (the share of train_data held out to score "
+                          f"candidates), got {search_fraction!r}")
+    if train_data is None:
+        raise ConfigError("train_data is empty: compress needs the user's training data")
+    return device
+
+
+def _example(example_input, images):
+    """One sample (1, C, ...): the first of `example_input`, by default the first of `images`."""
+    if example_input is None:
+        example_input = images[:1]
+    elif not isinstance(example_input, torch.Tensor):
+        raise ConfigError(f"example_input must be a torch.Tensor (e.g. torch.randn(1, 3, 224, 224)), got "
+                          f"{type(example_input).__name__}")
+    elif example_input.dim() < 2 or not example_input.is_floating_point() or not example_input.numel():
+        raise ConfigError(f"example_input must be a float batch (N, C, ...) such as torch.randn(1, 3, 224, 224), "
+                          f"got {example_input.dtype} of shape {tuple(example_input.shape)}")
+    return example_input[:1].detach()
+
+
+def check_task_inputs(task, model, train_data, val_data, *, example_input, batch_size, device, output_fn,
+                      latency_options, search_fraction) -> Inputs:
+    """check_inputs for a task other than classification: the same checks of the arguments, then
+    the task run once on the first training batch (tasks.check_task); no labels to check (the
+    held-out split is a random one, `labels` all 0). A Dataset is batched with the task's collate."""
+    device = _check_options(model, train_data, batch_size, device, output_fn, latency_options, search_fraction)
+    if output_fn is not None:
+        raise ConfigError(f"output_fn picks a classifier's logits; with task {task.name!r} the task's loss and "
+                          "score read the model's output: leave output_fn out")
+    train, options = as_dataset(train_data, "train_data", batch_size)
+    if not isinstance(train_data, DataLoader):
+        options.collate = task.collate
+    first = next(iter(read_batches(options.loader(train), "train_data")))
+    example = _example(example_input, check_task(task, model, first, device).cpu())
+    val = val_loader = None
+    if val_data is not None:
+        val, _ = as_dataset(val_data, "val_data", batch_size)
+        val_loader = val_data if isinstance(val_data, DataLoader) else options.loader(val)
+    return Inputs(train, val, options, val_loader, example, 0, device, torch.zeros(len(train), dtype=torch.long))
 
 
 def check_split(fit, held_out, options, search_fraction):

@@ -3,6 +3,7 @@ real model of tests/models.py, costs what FlopCounterMode and the parameter coun
 its latency probe builds a layer of the widths asked for."""
 import pytest
 import torch
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import compressor as cz
 from compressor.latency.layers import find_layers, widths
@@ -10,21 +11,35 @@ from compressor.layers import LAYER_KINDS, kind_of, layer_kind
 from conftest import with_real_statistics
 from models import build, input_size
 
-# conv, bn and linear in both; depthwise convs in mobilenet_v2, grouped ones in regnet_x_400mf
-MODELS = ["mobilenet_v2", "regnet_x_400mf"]
+# conv, bn and linear in all; depthwise convs in mobilenet_v2, grouped ones in regnet_x_400mf,
+# torchvision's FrozenBatchNorm2d (its detectors' pretrained backbones) in resnet18-frozen-bn
+FROZEN_BN = "resnet18-frozen-bn"
+MODELS = ["mobilenet_v2", "regnet_x_400mf", FROZEN_BN]
+
+
+def build_model(name):
+    if name != FROZEN_BN:
+        return build(name)
+    model = build("resnet18", norm_layer=FrozenBatchNorm2d)
+    with torch.no_grad():  # statistics of real magnitude: not the identity FrozenBatchNorm2d starts as
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1), m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(1, 4)
+    return model
 
 
 @pytest.fixture(scope="module", params=MODELS)
 def analysed(request):
     torch.manual_seed(0)
     size = input_size(request.param)
-    model = with_real_statistics(build(request.param), size=size)
+    model = with_real_statistics(build_model(request.param), size=size)
     return model, cz.analyze(model, torch.randn(1, 3, size, size))
 
 
 def test_the_models_hold_every_kind_of_the_table():
     """A new entry needs a model here that has it."""
-    kinds = {layer_kind(m) for name in MODELS for m in build(name).modules()}
+    kinds = {layer_kind(m) for name in MODELS for m in build_model(name).modules()}
     assert set(LAYER_KINDS) <= kinds, sorted(set(LAYER_KINDS) - kinds)
 
 

@@ -119,6 +119,7 @@ class FitContext:
     batches: Any = None         # how to batch train_data/held_out (validate.LoaderOptions: the user's
                                 # DataLoader settings or compress's batch_size); None: batch_size
     keep_supernet: bool = False  # keep the trained supernet in Fitted.supernet (compress with out_dir)
+    task: Any = None            # a tasks.Task other than classification (None: classification)
 
 
     def batched(self, data, shuffle=False, seed=0):

@@ -60,7 +60,9 @@ class _Candidates:
     def __init__(self, ctx, calib, held_out, options):
         self.ctx, self.held_out = ctx, held_out
         self.models = {"importance": ctx.model, "model": ctx.unordered}
-        self.targets = {order: Targets(model, calib, batches=options.batches, positions=options.positions)
+        images = ctx.task.images if ctx.task is not None else None
+        self.targets = {order: Targets(model, calib, batches=options.batches, positions=options.positions,
+                                       images=images)
                         for order, model in self.models.items() if model is not None}
         self.samples, self.history, self.slim = {}, [], {}
         self.bounds = constraints(ctx.space, ctx.budget)
@@ -82,7 +84,9 @@ class _Candidates:
 
 def _held_out_samples(small, held_out, ctx):
     """Per-sample held-out scores of a slim network in eval mode (its BN statistics are the full
-    model's, which the reconstruction fitted the layers for)."""
+    model's, which the reconstruction fitted the layers for); a task's own per-sample score."""
+    if ctx.task is not None:
+        return ctx.task.sample_scores(small, held_out)
     device = next(small.parameters()).device
     small.eval()
     values = []
