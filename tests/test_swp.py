@@ -141,7 +141,7 @@ def test_a_stage_is_scored_without_the_other_stages_widths():
 
 def test_each_stage_ranks_far_fewer_candidates_than_the_whole_space():
     model = resnet20()
-    space = cz.analyze(model, X32)  # the defaults: 20 bins, divisor "auto"
+    space = cz.analyze(model, X32, divisor="auto")  # compress's defaults: 20 bins, divisor "auto"
     sizes = find_stages(model, space).sizes(space)
     whole = space_size(space)
     assert math.prod(sizes) == whole  # the stages split the space: their product is the whole
@@ -189,6 +189,14 @@ def test_compress_with_swp_meets_the_budget():
                          batch_size=16, bins=8, divisor=1, calib_batches=2, progress=False)
     assert result.method == "swp" and result.meets_budget() and result.side == "left"
     assert result.search["stages"]["probes"] == 8
+    assert math.isnan(result.search["score_alternate"])
+    # score_original: the finalists are scored on the weights before supernet training too
+    torch.manual_seed(0)
+    both = cz.compress(TinyNet(), "flops<=50%", quadrant_data(256), method="swp",
+                       method_options={"candidates": 8, "finalists": 2}, supernet_epochs=0.5, finetune_epochs=0,
+                       batch_size=16, bins=8, divisor=1, calib_batches=2, score_original=True, progress=False)
+    assert both.meets_budget() and not math.isnan(both.search["score_alternate"])
+    assert both.search["score"] == max(both.search["score_left"], both.search["score_alternate"])
 
 
 def test_cli_compress_with_swp(tmp_path):

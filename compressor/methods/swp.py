@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..batches import logits, read_batches
+from ..distributed import rank_and_world
 from ..errors import ConfigError
 from ..losses import kd
 from ..progress import Progress
@@ -204,11 +205,9 @@ def stage_search(net, budget, train_data, val_data, *, options: SWPOptions | Non
     """The stage-wise search (module docstring): search()'s arguments; `options` the method's
     (default SWPOptions()). `records` (the prior) and `window` are not used: the stage parts are
     combined under the budget itself. `final_data`, when given, scores the finalists instead of
-    `val_data` (batches the stage ranking never read)."""
+    `val_data` (batches the stage ranking never read); `alternate` (other weights of the same
+    space) scores them too and a finalist's fitness is the better of the two scores."""
     options = options or SWPOptions()
-    if alternate is not None:
-        raise ConfigError("method 'swp' scores its candidates on the trained supernet only: score_original=True "
-                          "is not supported with it (leave score_original False)")
     space = net.space
     bounds = constraints(space, budget)
     stages = find_stages(net.model, space, options.stages)
@@ -220,7 +219,7 @@ def stage_search(net, budget, train_data, val_data, *, options: SWPOptions | Non
     norms = [m for m in net.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms]
     teacher = _full_network(net, train_data, calib_batches)
-    bar = Progress(len(probes), "stage-wise search", enabled=progress, log=log)
+    bar = Progress(len(probes), "stage-wise search", enabled=progress and rank_and_world()[0] == 0, log=log)
     try:
         losses = []
         for cfg in probes:
@@ -246,12 +245,18 @@ def stage_search(net, budget, train_data, val_data, *, options: SWPOptions | Non
     finalists = list(dict.fromkeys([cfg for cfg, _ in combined[:options.finalists]] +
                                    [cfg for cfg in given if feasible(bounds, np.array([cfg]))[0]]))
     scoring = final_data if final_data is not None else val_data
-    fitness = {cfg: same_draws(score, net, cfg, "left", scoring, train_data, calib_batches=calib_batches,
-                               max_batches=max_val_batches, metric=metric, output_fn=output_fn) for cfg in finalists}
+
+    def end_to_end(supernet, cfg):
+        return same_draws(score, supernet, cfg, "left", scoring, train_data, calib_batches=calib_batches,
+                          max_batches=max_val_batches, metric=metric, output_fn=output_fn)
+    trained = {cfg: end_to_end(net, cfg) for cfg in finalists}
+    # with alternate weights (compress's score_original), a finalist's fitness is the better of both, as in search()
+    other = {cfg: end_to_end(alternate, cfg) if alternate is not None else float("nan") for cfg in finalists}
+    fitness = {cfg: max(trained[cfg], other[cfg]) if alternate is not None else trained[cfg] for cfg in finalists}
     best = max(finalists, key=fitness.__getitem__)  # ties: the best combination
     summed = dict(combined)
-    history = [Evaluated(cfg, fitness[cfg], float("nan"), float(space.flops(cfg)), float(space.params(cfg)), 0)
-               for cfg in finalists]
+    history = [Evaluated(cfg, trained[cfg], float("nan"), float(space.flops(cfg)), float(space.params(cfg)), 0,
+                         other[cfg]) for cfg in finalists]
     sizes = stages.sizes(space)
     report = {"ends": list(stages.ends), "groups": [list(g) for g in stages.groups], "stage_space": sizes,
               "scored": [len(t) for t in tables], "whole_space": space_size(space), "probes": len(probes),
@@ -259,10 +264,10 @@ def stage_search(net, budget, train_data, val_data, *, options: SWPOptions | Non
     log.info("swp: stages of %s configurations (the whole space: %.3g), %s parts scored per stage; best %s, "
              "score %.4f, %s", sizes, float(report["whole_space"]), report["scored"], list(best), fitness[best],
              human("flops", space.flops(best)))
-    return SearchResult(cfg=best, side="left", score_left=fitness[best], score_right=float("nan"),
+    return SearchResult(cfg=best, side="left", score_left=trained[best], score_right=float("nan"),
                         score=fitness[best], costs={"flops": float(space.flops(best)),
                                                     "params": float(space.params(best))},
-                        limits={b.metric: b.limit for b in bounds}, history=history,
+                        limits={b.metric: b.limit for b in bounds}, history=history, score_alternate=other[best],
                         finalists=[{"cfg": list(c), "fitness": fitness[c]} for c in finalists], stages=report)
 
 
