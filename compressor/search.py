@@ -379,6 +379,7 @@ class SearchResult:
     score_alternate: float = float("nan")  # the chosen configuration's left path on the alternate weights
     finalists: list = field(default_factory=list)  # [{"cfg", "fitness"}]: the re-scored finalists, if any
     guard: dict = field(default_factory=dict)  # the anchor guard's test (search with anchors), if it ran
+    stages: dict = field(default_factory=dict)  # the stage-wise search's stages and candidate counts (swp)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -201,6 +201,20 @@ class Supernet(nn.Module):
         self._masks, self._device_masks, self._conv_windows, self._norm_windows = {}, {}, {}, {}
         return self
 
+    def unmasked_copy(self) -> nn.Module:
+        """A copy of the wrapped network without this supernet's hooks and windowed forwards: a plain
+        network that no later set() reaches (a deep copy of self.model keeps hooks that read this
+        supernet's masks)."""
+        model = copy.deepcopy(self.model)
+        ours = {h.id for h in self._handles}
+        for name, module in model.named_modules():
+            for hooks in (module._forward_hooks, module._forward_pre_hooks):
+                for key in ours & set(hooks):
+                    del hooks[key]
+            if name in self._conv_groups or name in self._norm_groups:
+                del module.forward  # back to its class's forward
+        return model
+
     def active_channels(self, name: str):
         """Indices of the active output channels of module `name` (all when unmasked)."""
         mask = self._masks.get(name)

@@ -131,6 +131,7 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
     options = spec.parse_options(method_options)
     method = spec.name
     sampler = spec.sampler(net.space, seed, options, window, sides)
+    run = spec.forward(net, options) if spec.forward is not None else (lambda model, x, i, state: model(x))
     dataset, batch_size, workers, collate = _as_dataset(train_data, batch_size)
     rank, world = rank_and_world()
     per_epoch = len(dataset) // world // batch_size
@@ -210,7 +211,7 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
             net.set(cfg, side)
             sync = i == len(subnets) - 1 or world == 1  # all-reduce gradients once, on the last backward
             with model.no_sync() if not sync else contextlib.nullcontext():
-                out = logits(model(x), output_fn)
+                out = logits(run(model, x, i, state), output_fn)
                 ce = F.cross_entropy(out, y, label_smoothing=label_smoothing)
                 base = (lambda: ce) if target is None else (
                     lambda: (1 - distill_weight) * ce + distill_weight * kd(out, target))

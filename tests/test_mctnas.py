@@ -5,7 +5,6 @@ import collections
 import functools
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from compressor.methods import get_method
 from compressor.methods.mctnas import MCTNASOptions, warm_seeds
 from compressor.samplers import TrainingWindow
 from compressor.search import constraints, feasible
-from conftest import TinyNet, quadrant_data, tinynet_file, torchrun, write_image_folder
+from conftest import TinyNet, quadrant_data, tiny_compress_cli, torchrun
 
 TARGET = (3, 6, 2)  # the widths whose synthetic training loss is lowest
 
@@ -155,11 +154,7 @@ def test_ddp_ranks_keep_the_same_tree(tmp_path):
 
 
 def test_cli_compress_with_mctnas(tmp_path):
-    write_image_folder(tmp_path / "data" / "train", quadrant_data(128))
-    write_image_folder(tmp_path / "data" / "val", quadrant_data(32, seed=1))
-    cli = [sys.executable, "-m", "compressor.cli", "-q", "compress", "--model", tinynet_file(tmp_path), "--data",
-           str(tmp_path / "data"), "--budget", "flops<=50%", "--out", str(tmp_path / "out"), "--image-size", "16",
-           "--finetune-epochs", "0", "--supernet-epochs", "0.5", "--batch-size", "16", "--method", "mctnas"]
+    cli = tiny_compress_cli(tmp_path, "mctnas")
     run = subprocess.run(cli + ["--method-option", "queries=4"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)

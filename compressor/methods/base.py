@@ -44,6 +44,9 @@ class Method:
     # loss(i, out, base, state): the loss of the i-th subnet of a step from its logits `out`; `base()`
     # is the default loss; `state` is a dict that lives for one step (e.g. the largest subnet's output)
     loss: Callable[..., Any] = default_loss
+    # forward(net, options) -> run(model, x, i, state): how a training step runs its i-th subnet (None:
+    # model(x)); built once per run on the supernet `net` (swp: stages fed the full network's stage outputs)
+    forward: Callable[..., Any] | None = None
     record: Callable[..., bool] = record_all   # record(cfg, space): does this subnet feed the prior?
     sides: tuple = ("left", "right")    # the sides the search scores and may deliver
     searcher: Callable[..., Any] = search
