@@ -139,6 +139,14 @@ def test_shrinking_only_removes_widths_at_the_scheduled_points_and_never_draws_t
         assert final.levels(g).size < space.levels(g).size  # and every group did shrink
     # the width whose subnets train worst went first
     assert [BAD[0], int(space.width_table[BAD])] in sampler.history[0]["off"]
+    # only widths the stage sampled are switched off, and never all of a group's sampled ones
+    for start, shrink in zip((0, 10, 20), sampler.history):
+        sampled = {(g, int(space.width_table[g, c])) for cfgs in drawn[start:shrink["step"]] for cfg in cfgs
+                   for g, c in enumerate(cfg)}
+        off = {tuple(o) for o in shrink["off"]}
+        assert off <= sampled
+        for g in range(len(space)):
+            assert {w for h, w in sampled if h == g} - {w for h, w in off if h == g}
 
 
 def test_switched_off_widths_stay_off_after_a_resume():
@@ -260,7 +268,7 @@ dist.destroy_process_group()
 
 
 def test_ddp_ranks_shrink_alike(tmp_path):
-    torchrun(tmp_path, DDP_SCRIPT, 29519)
+    torchrun(tmp_path, DDP_SCRIPT, 29523)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert [h["step"] for h in r0["history"]] == [2, 4, 6] and r0["off"].any()
     assert r0["history"] == r1["history"] and torch.equal(r0["off"], r1["off"])

@@ -17,7 +17,7 @@ from .base import Method, register
 class BSNASOptions:
     subnets: int = 2                         # configurations a step (BCNet trains two paths a step)
     shrink_at: tuple = (0.25, 0.5, 0.75)     # fractions of training after which the space shrinks
-    shrink_fraction: float = 0.25            # of each group's allowed widths, switched off at each point
+    shrink_fraction: float = 0.25            # of each group's widths sampled since the last point, switched off
 
     def __post_init__(self):
         if isinstance(self.subnets, bool) or not isinstance(self.subnets, int) or self.subnets < 1:
