@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
+from .broaden import broaden, check_ratio
 from .budget import Budget, Constraint, parse_budget
 from .config import CHANNEL_ORDERS, CompressConfig
 from .cost import count_params, measure_flops
@@ -380,6 +381,12 @@ def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input,
     `task`: None or classification keeps the classification path; another, compress's docstring."""
     spec = get_method(cfg.method)
     options = spec.parse_options(cfg.method_options)
+    ratio = check_ratio(spec.broaden if cfg.broaden is None else cfg.broaden, cfg.bins)
+    relative_latency = [str(c) for b in budgets for c in b if c.metric == "latency" and c.relative]
+    if ratio > 1 and relative_latency:
+        raise ConfigError(f"{relative_latency[0]} is relative to the original model, but a broadened space's latency "
+                          f"model is timed on the broadened one: give an absolute limit (e.g. latency<=3ms), or "
+                          f"broaden=1")
     if cfg.export and not all(out_dirs):
         raise ConfigError("export needs out_dir: the artifacts are written there")
     task = get_task(task)
@@ -410,15 +417,8 @@ def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input,
     with clock("analyze"):
         # groups whose slimming breaks a module are frozen now, not refused after training
         space = freeze_unsliceable(work, analyze(work, x, bins=cfg.bins, divisor=cfg.divisor, exclude=cfg.exclude))
-    bounds_of = []
-    for budget in budgets:
-        latency = _latency_constraint(budget)
-        if latency is not None and latency.target not in space.latency_models:  # one table per target, any budgets
-            with clock("latency_model"):
-                build_latency_model(work, space, latency.target, progress=progress, **(latency_options or {}))
-        bounds_of.append(constraints(space, budget))  # raises InfeasibleBudgetError before any training
-        log.info("%d channel groups (%d frozen); budget %s", len(space), len(space.frozen),
-                 ", ".join(f"{b.text}: {human(b.metric, b.limit)}" for b in bounds_of[-1]))
+    if ratio == 1:  # a broadened space gets its latency models and bounds once it is built, below
+        bounds_of = _bounds(work, space, budgets, clock, progress, latency_options)
 
     importance = None
     if cfg.channel_order != "none" or cfg.seed_population:
@@ -430,6 +430,12 @@ def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input,
     unordered = None
     if cfg.channel_order != "none":
         unordered, work = work, order_channels(work, space, layout=layout, importance=importance)
+    if ratio > 1:  # after the channel order: the new channels come after the most important ones
+        with clock("broaden"):
+            if unordered is not None:
+                unordered, _ = broaden(unordered, space, ratio, seed=cfg.seed)
+            work, space = broaden(work, space, ratio, seed=cfg.seed)
+        bounds_of = _bounds(work, space, budgets, clock, progress, latency_options)
     shared = FitContext(
         model=work, unordered=unordered, space=space, train_data=fit_data, held_out=held_out, budget=None,
         method=spec,
@@ -455,6 +461,21 @@ def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input,
         runs.append(_Run(context, inputs.train, batches, original, x,
                          inputs.val_loader if inputs.val is not None else None, before, source))
     return runs
+
+
+def _bounds(work, space, budgets, clock, progress, latency_options) -> list:
+    """Per budget, its constraints on `space` (InfeasibleBudgetError before any training), after the
+    latency model of each latency target the budgets name is built."""
+    bounds_of = []
+    for budget in budgets:
+        latency = _latency_constraint(budget)
+        if latency is not None and latency.target not in space.latency_models:  # one table per target, any budgets
+            with clock("latency_model"):
+                build_latency_model(work, space, latency.target, progress=progress, **(latency_options or {}))
+        bounds_of.append(constraints(space, budget))
+        log.info("%d channel groups (%d frozen); budget %s", len(space), len(space.frozen),
+                 ", ".join(f"{b.text}: {human(b.metric, b.limit)}" for b in bounds_of[-1]))
+    return bounds_of
 
 
 _TRAINER_RECORDS = ("method", "method_options", "seed", "batch_size", "lr", "sides")

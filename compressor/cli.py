@@ -153,7 +153,7 @@ _SEARCH_ARGS = ("effort", "finetune_epochs", "finetune_lr", "inherit", "score_me
 # the compress flags that are CompressConfig fields of the same name (None: the config's default)
 _CONFIG_ARGS = ("method", "supernet_epochs", "finetune_epochs", "batch_size", "lr", "finetune_lr", "effort",
                 "channel_order", "divisor", "inherit", "score_metric", "seed_population", "conv_impl", "distill",
-                "seed", "reparam")
+                "seed", "reparam", "broaden")
 
 
 def cmd_export(args):
@@ -244,7 +244,7 @@ def build_parser():
     p.add_argument("--divisor", type=divisor_arg, default="auto", help="an integer, or auto (default)")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("compress", help="compress a model to a budget (default method: recon; bcnet, ua, mctnas, dagger)")
+    p = sub.add_parser("compress", help="compress a model to a budget (default method: recon; bcnet, ua, mctnas, bsnas, dagger)")
     model_args(p)
     p.add_argument("--data", required=True, help="an ImageFolder directory, or one with train/ and val/ (or test/)")
     p.add_argument("--budget", required=True, help="e.g. 'flops<=50%%' or 'flops<=50%%,params<=2.5M'")
@@ -280,6 +280,9 @@ def build_parser():
                    "export (default: off)")
     p.add_argument("--reparam-option", action="append", metavar="KEY=VALUE",
                    help="an option of --reparam, e.g. branches=20 or search_part=0.5; repeatable")
+    p.add_argument("--broaden", type=float,
+                   help="widths up to this ratio of the original, new channels starting function-preserving "
+                   "(default: the method's, 1.5 for bsnas, else 1)")
     p.add_argument("--export", default="", help=f"comma-separated: {', '.join(EXPORT_FORMATS)}")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)

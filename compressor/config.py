@@ -71,6 +71,8 @@ class CompressConfig:
     score_original: bool = False        # the search scores the weights before supernet training too
     reparam: str | None = None          # of REPARAMS: "repnas" fine-tunes with searched branches, then fuses
     reparam_options: dict | None = None  # reparam.RepnasOptions, e.g. {"branches": 20}
+    # widths up to broaden x the original (compressor/broaden.py; None: the method's, 1.5 for bsnas, else 1)
+    broaden: float | None = None
 
     def __post_init__(self):
         fix = object.__setattr__  # frozen: normalise the containers once, here
@@ -102,6 +104,9 @@ class CompressConfig:
             raise ConfigError('seed_population=False computes no seed configurations, but method "recon" and '
                               'supernet_sampling="anchored" (supernet methods) start from them: keep seed_population=True, '
                               'or use another method with supernet_sampling="window"')
+        if self.broaden is not None:
+            from .broaden import check_ratio  # imports torch: only when asked for
+            check_ratio(self.broaden, self.bins)
         _choice("reparam", self.reparam, REPARAMS)
         if self.reparam is None and self.reparam_options:
             raise ConfigError('reparam_options apply to reparam="repnas" (CLI: --reparam repnas): pass it too, '

@@ -185,6 +185,10 @@ def constraints(space: WidthSpace, budget) -> list[Bound]:
     bounds = []
     for c in budget:
         # latency: predicted by the space's latency model, relative to the measured original
+        if c.metric == "latency" and c.relative and space.broadened:
+            raise ConfigError(f"{c} is relative to the original model, but the latency model of a broadened "
+                              f"space is timed on the broadened one: give an absolute limit (e.g. latency<=3ms"
+                              f"@{c.target}) or do not broaden")
         cost, original = space.cost_function(c.metric, c.target)
         where = f" on {c.target}" if c.metric == "latency" else ""
         bound = Bound(str(c), c.metric, float(c.limit(original)), lambda cfgs, cost=cost: cost(np.atleast_2d(cfgs)))
@@ -269,9 +273,8 @@ def widen(space: WidthSpace, cfg, importance, budget, normalise: bool = True) ->
 
 # -- the prior -----------------------------------------------------------------------------------
 def _allowed_bins(space: WidthSpace) -> np.ndarray:
-    """(G, N+1) bool: bin w is allowed for group g (column 0 never is)."""
-    w = np.arange(space.bins + 1)
-    return (w >= space.min_bins[:, None]) & (w <= space.max_bins[:, None])
+    """(G, N+1) bool: bin w is allowed for group g (column 0 never is; nor is a switched-off one)."""
+    return space.allowed.copy()
 
 
 def _uniform_prior(space: WidthSpace) -> np.ndarray:
@@ -395,7 +398,7 @@ def canonical_bins(space: WidthSpace) -> np.ndarray:
     canon = np.tile(np.arange(space.bins + 1), (len(space), 1))
     for g, row in enumerate(space.width_table):
         first = {}
-        for c in range(int(space.min_bins[g]), int(space.max_bins[g]) + 1):
+        for c in np.flatnonzero(space.allowed[g]):
             canon[g, c] = first.setdefault(int(row[c]), c)
     return canon
 
@@ -404,16 +407,18 @@ def width_problem(space: WidthSpace, bounds, score) -> Problem:
     """The search over `space` under `bounds` as a searchers.Problem: per group its distinct
     canonical bins (narrowest first), `score(cfg)` its fitness."""
     canon, rows = canonical_bins(space), np.arange(len(space))
-    choices = [np.unique(canon[g, lo:hi + 1]) for g, (lo, hi) in enumerate(zip(space.min_bins, space.max_bins))]
-    return Problem(choices, score, feasible=lambda cfgs: feasible(bounds, cfgs),
+    choices = [np.unique(canon[g, space.allowed[g]]) for g in rows]
+    return Problem(choices, score, feasible=lambda cfgs: feasible(bounds, cfgs) & space.allows(cfgs),
                    canonical=lambda cfgs: canon[rows, cfgs])
 
 
 def _feasible_seeds(space, bounds, seeds) -> list:
-    """The seeds that meet every constraint, in canonical form, without repeats, in order."""
+    """The seeds that meet every constraint and use no switched-off width, in canonical form,
+    without repeats, in order."""
     canon, rows = canonical_bins(space), np.arange(len(space))
-    cfgs = [canon[rows, np.asarray(space.check(cfg))] for cfg in seeds]
-    return list(dict.fromkeys(tuple(int(c) for c in cfg) for cfg in cfgs if feasible(bounds, cfg[None])[0]))
+    cfgs = [np.asarray(space.check(cfg)) for cfg in seeds]
+    return list(dict.fromkeys(tuple(int(c) for c in canon[rows, cfg]) for cfg in cfgs
+                              if feasible(bounds, cfg[None])[0] and space.allows(cfg)[0]))
 
 
 def _initial_population(space, bounds, prior, size, window, rng, seeds=(), anchors=()) -> list:
@@ -436,7 +441,7 @@ def _initial_population(space, bounds, prior, size, window, rng, seeds=(), ancho
         for draw in sources:
             for _ in range(DRAW_ROUNDS):
                 cfgs = canon[rows, draw(max(DRAW_BATCH, 20 * size))]
-                ok = feasible(bounds, cfgs)
+                ok = feasible(bounds, cfgs) & space.allows(cfgs)
                 if in_window:
                     cost = primary.cost(cfgs)
                     ok &= (cost >= window[0] * primary.limit) & (cost <= window[1] * primary.limit)

@@ -25,6 +25,14 @@ def kept_channels(c: int, n: int, bins: int, divisor: int) -> int:
     return min(n, max(divisor, k, 1))
 
 
+def broadened_widths(n: int, bins: int, extra_bins: int, divisor: int) -> list:
+    """Channels kept at bins 1..bins + extra_bins of a group of n original channels: kept_channels
+    up to n at bin `bins`, then n plus kept_channels(j) at extra bin j (steps of n / bins, as below
+    the original width)."""
+    return [kept_channels(c, n, bins, divisor) for c in range(1, bins + 1)] + \
+        [n + kept_channels(j, n, bins, divisor) for j in range(1, extra_bins + 1)]
+
+
 def auto_divisor(n: int, cap: int = 8) -> int:
     """divisor="auto" for a group of n channels: the largest power of two up to `cap` that
     leaves the group at least 8 distinct widths (16 channels -> 2, 32 -> 4, 64 and more -> 8), so
@@ -67,11 +75,15 @@ class WidthSpace:
     min/max bins)."""
 
     def __init__(self, groups, frozen, cost, *, bins, divisor, example_input, min_bins, max_bins,
-                 source=None, model_fingerprint=""):
+                 source=None, model_fingerprint="", extra_bins=0, original_sizes=None):
         self.groups = groups
         self.frozen = frozen
         self.cost = cost
-        self.bins = bins
+        # a broadened space (compressor.broaden) has `extra_bins` bins above the original width: bins
+        # 1..base_bins reach the original size, the extra ones the groups' broadened sizes
+        self.base_bins = bins
+        self.extra_bins = extra_bins
+        self.bins = bins + extra_bins
         self.divisor = divisor
         self.example_input = example_input
         self.source = source
@@ -79,21 +91,71 @@ class WidthSpace:
         self.min_bins = np.asarray(min_bins, dtype=np.int64)
         self.max_bins = np.asarray(max_bins, dtype=np.int64)
         self.sizes = np.array([g.size for g in groups], dtype=np.int64)
+        # the groups' sizes in the model before broadening: relative budgets are relative to it
+        self.original_sizes = self.sizes.copy() if original_sizes is None else np.asarray(original_sizes, np.int64)
         # width_table[g, c]: channels kept in group g at bin c (column 0 unused)
         self.width_table = np.array(
-            [[0] + [kept_channels(c, g.size, bins, auto_divisor(g.size) if divisor == "auto" else divisor)
-                    for c in range(1, bins + 1)] for g in groups],
-            dtype=np.int64).reshape(len(groups), bins + 1)
+            [[0] + broadened_widths(int(n), bins, extra_bins, auto_divisor(int(n)) if divisor == "auto" else divisor)
+             for n in self.original_sizes], dtype=np.int64).reshape(len(groups), self.bins + 1)
+        if not np.array_equal(self.width_table[:, -1], self.sizes):
+            raise ConfigError(f"the groups' sizes {self.sizes.tolist()} are not the widest bins "
+                              f"{self.width_table[:, -1].tolist()}: a broadened space needs cz.broaden's model")
         self._rows = np.arange(len(groups))
-        # per group, the lowest allowed bin of each distinct width, ascending (WidthSpace.step)
-        self._levels = [np.unique(self.width_table[g, lo:hi + 1], return_index=True)[1] + lo
-                        for g, (lo, hi) in enumerate(zip(self.min_bins, self.max_bins))]
+        # (G, bins + 1): the bins a configuration may use (WidthSpace.shrunk switches widths off)
+        bins_index = np.arange(self.bins + 1)
+        self.allowed = (bins_index >= self.min_bins[:, None]) & (bins_index <= self.max_bins[:, None])
+        self._set_levels()
         # runtime name -> latency model (compressor.latency.build_latency_model sets them): the
         # space's third cost, held here so that the space never imports the latency package
         self.latency_models = {}
 
+    def _set_levels(self):
+        # per group, the lowest allowed bin of each distinct width, ascending (WidthSpace.step)
+        self._levels = []
+        for g, row in enumerate(self.allowed):
+            bins = np.flatnonzero(row)
+            self._levels.append(bins[np.unique(self.width_table[g, bins], return_index=True)[1]])
+
+    def levels(self, g: int) -> np.ndarray:
+        """Group g's distinct allowed widths, each as its lowest bin, narrowest first."""
+        return self._levels[g]
+
     def __len__(self):
         return len(self.groups)
+
+    @property
+    def broadened(self) -> bool:
+        return bool(self.extra_bins)
+
+    def original(self) -> tuple:
+        """The configuration of the original widths (every bin of an unbroadened space: its max)."""
+        return tuple(int(c) for c in np.clip(self.base_bins, self.min_bins, self.max_bins))
+
+    # -- shrinking (BS-NAS) ------------------------------------------------------------------
+    def shrunk(self, off) -> "WidthSpace":
+        """This space with more widths switched off: `off` is a (G, bins + 1) bool array of bins;
+        every bin that keeps the same channels as a switched-off one is off too. The copy shares
+        everything else (groups, cost model, latency models); configurations keep their meaning.
+        Switching off a group's every width is refused."""
+        off = np.asarray(off, dtype=bool)
+        if off.shape != self.allowed.shape:
+            raise ConfigError(f"switched-off bins need shape {self.allowed.shape}, got {off.shape}")
+        widths_off = np.where(off, self.width_table, -1)
+        same = (self.width_table[:, :, None] == widths_off[:, None, :]).any(2)  # [g, c]: c keeps an off width
+        allowed = self.allowed & ~same
+        empty = np.flatnonzero(~allowed.any(1))
+        if len(empty):
+            raise ConfigError(f"switching off every width of group '{self.groups[empty[0]].name}' is refused: "
+                              f"a group keeps at least one width")
+        new = copy.copy(self)
+        new.allowed = allowed
+        new._set_levels()
+        return new
+
+    def allows(self, cfgs) -> np.ndarray:
+        """(B,) bool: which configurations of a (B, G) array use only allowed (not switched-off) bins."""
+        cfgs = np.atleast_2d(np.asarray(cfgs, dtype=np.int64))
+        return self.allowed[self._rows, cfgs].all(1)
 
     def without(self, model: nn.Module, reasons: dict) -> "WidthSpace":
         """This space with the groups at the indices of `reasons` frozen, each for its reason
@@ -108,14 +170,15 @@ class WidthSpace:
         work = copy.deepcopy(model).eval()
         example = self.example_input.to(next(work.parameters()).device)
         return WidthSpace(keep, {**self.frozen, **{self.groups[i].name: reasons[i] for i in sorted(drop)}},
-                          CostModel(work, keep, example), bins=self.bins, divisor=self.divisor,
+                          CostModel(work, keep, example), bins=self.base_bins, divisor=self.divisor,
                           example_input=self.example_input, min_bins=self.min_bins[rows],
-                          max_bins=self.max_bins[rows], source=self.source, model_fingerprint=self.fingerprint)
+                          max_bins=self.max_bins[rows], source=self.source, model_fingerprint=self.fingerprint,
+                          extra_bins=self.extra_bins, original_sizes=self.original_sizes[rows])
 
 
     def __repr__(self):
         return (f"WidthSpace({len(self.groups)} groups, {len(self.frozen)} frozen, bins={self.bins}, "
-                f"divisor={self.divisor})")
+                f"divisor={self.divisor}{f', {self.extra_bins} above the original width' if self.extra_bins else ''})")
 
     # -- configurations ------------------------------------------------------------------
     def check(self, cfg) -> tuple:
@@ -144,23 +207,29 @@ class WidthSpace:
         return arr
 
     def max(self) -> tuple:
-        return tuple(int(c) for c in self.max_bins)
+        """The widest allowed bin of every group."""
+        return tuple(int(self.bins - np.argmax(row[::-1])) for row in self.allowed)
 
     def min(self) -> tuple:
-        return tuple(int(c) for c in self.min_bins)
+        """The narrowest allowed bin of every group."""
+        return tuple(int(np.argmax(row)) for row in self.allowed)
 
     def uniform(self, ratio: float) -> tuple:
-        """The same width ratio in every group (nearest bin, clipped to each group's bounds)."""
-        if not 0 < ratio <= 1:
-            raise ConfigError(f"uniform ratio must be in (0, 1], got {ratio}")
-        c = int(np.floor(ratio * self.bins + 0.5))
+        """The same width ratio of the original width in every group (nearest bin, clipped to each
+        group's bounds); up to bins / base_bins in a broadened space."""
+        top = self.bins / self.base_bins
+        if not 0 < ratio <= top:
+            raise ConfigError(f"uniform ratio must be in (0, {top:g}], got {ratio}")
+        c = int(np.floor(ratio * self.base_bins + 0.5))
         return tuple(int(v) for v in np.clip(c, self.min_bins, self.max_bins))
 
     def random(self, seed=None) -> tuple:
         """Each group's bin drawn uniformly from its allowed bins. `seed` is an int or a
         numpy Generator."""
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        return tuple(int(c) for c in rng.integers(self.min_bins, self.max_bins + 1))
+        # integers(0, count) + offset draws what integers(lo, hi + 1) draws on an unshrunk space
+        picks = rng.integers(0, self.allowed.sum(1))
+        return tuple(int(np.flatnonzero(row)[i]) for row, i in zip(self.allowed, picks))
 
     def step(self, cfgs, moves) -> np.ndarray:
         """Configurations (B, G) with group g moved `moves[:, g]` distinct widths wider (negative:
@@ -226,7 +295,7 @@ class WidthSpace:
         model); `original` is the full model's cost (for latency, measured end to end)."""
         if metric == "latency":
             return (lambda cfgs: self.latency(cfgs, target)), self.latency_model(target).original_us
-        return getattr(self, metric), float(getattr(self.cost, metric)(self.sizes))
+        return getattr(self, metric), float(getattr(self.cost, metric)(self.original_sizes))
 
     def latency(self, cfg, target):
         """Predicted latency in microseconds on `target` (a runtime name such as 'ort-cpu') by the

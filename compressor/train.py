@@ -151,6 +151,8 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    if hasattr(sampler, "schedule"):  # a sampler whose draws change at points of the run (bsnas: shrinking)
+        sampler.schedule(total)
     records = Records(records_k)
     start, path, run_id = 0, None, None
     if checkpoint_dir:

@@ -57,6 +57,8 @@ class Method:
     fit: Callable[..., Any] | None = None
     # a fit that trains nothing: compress() fine-tunes for supernet_epochs + finetune_epochs instead
     finetunes_supernet_epochs: bool = False
+    # the width space's default broadening (compressor/broaden.py): compress's broaden=None takes it
+    broaden: float = 1.0
     summary: str = ""
 
     def parse_options(self, options=None):
