@@ -65,7 +65,17 @@ def check_model(zoo, name, size, time_limit, queue):
     try:
         t0 = time.time()
         model = build(zoo, name)
-        space = cz.analyze(model, x, time_limit=time_limit)  # a clear refusal before the process limit
+        try:
+            space = cz.analyze(model, x, time_limit=time_limit)  # a clear refusal before the process limit
+        except cz.ConfigError:
+            # a model whose forward needs its own input size (a fixed patch grid or attention bias
+            # table): retry once at the size of its pretrained_cfg, as a user would
+            own = getattr(model, "pretrained_cfg", {}).get("input_size", (3, size, size))[-1]
+            if own == size:
+                raise
+            row["input"] = size = own
+            x = torch.randn(1, 3, size, size)
+            space = cz.analyze(model, x, time_limit=time_limit)
         # what compress() does next: freeze the groups whose slimming breaks a module
         space = freeze_unsliceable(model, space)
         row.update(groups=len(space), frozen=len(space.frozen), analyze_s=round(time.time() - t0, 1))
@@ -84,7 +94,7 @@ def check_model(zoo, name, size, time_limit, queue):
         row.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}")
     row["seconds"] = round(time.time() - t0, 1)
     queue.put(row)
-    t1 = time.time()
+    t1 = time.time()  # Torch-Pruning gets the input size the model was checked at
     queue.put({"torch_pruning": torch_pruning_runs(zoo, name, x), "tp_seconds": round(time.time() - t1, 1)})
 
 

@@ -186,7 +186,59 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, train_mode: bool 
             f"({type(e).__name__}: {e}). Channel shuffles, and reshapes or concatenations that mix the "
             f"channel dimension with others, cannot be slimmed.")) from e
     _check_splits(model, graph)
+    _cut_channel_moving_reshapes(model, graph)
     return graph
+
+
+def _cut_channel_moving_reshapes(model, graph):
+    """Stop every group at a reshape that moves the channels out of dimension 1. Torch-Pruning 1.6
+    reads the input shape of a reshape from an autograd field this torch no longer has
+    (`_saved_self_sizes`), so it maps every reshape whose channel counts it infers as different as
+    a flatten, with a stride from that inference: ECA's `view(B, 1, C)` around a Conv1d gets stride
+    2048 and the group 2048 * 2048 indices (ecaresnet26t, gcresnet33ts: analysis took hours).
+    Here a flatten mapping is kept only where the real shapes (autograd's saved input sizes and
+    output metadata) are a flatten (N, C, *S) <-> (N, C * prod(S)) with that stride; any other
+    such reshape gets no mapping and no outgoing dependencies, and the groups that reach it are
+    frozen with the reason (_freeze_reason)."""
+    from torch_pruning.dependency import constants
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping, update_index_mapping
+    update_index_mapping(graph)
+    strides = {}  # reshape node -> the strides of the flatten mappings Torch-Pruning gave it
+    for node in graph.module2node.values():
+        for dep in node.dependencies:
+            for end in (dep.source, dep.target):
+                if end.type == tp.ops.OPTYPE.RESHAPE:
+                    strides.setdefault(end, set()).update(
+                        m._stride for m in dep.index_mapping if isinstance(m, _FlattenIndexMapping))
+    for node, mapped in strides.items():
+        fn = node.grad_fn
+        if not mapped or not hasattr(fn, "_saved_self_sym_sizes") or not getattr(fn, "_input_metadata", None):
+            continue
+        before, after = tuple(fn._saved_self_sym_sizes), tuple(fn._input_metadata[0].shape)
+        if mapped == {_flatten_stride(before, after)}:
+            continue
+        node.type = tp.ops.OPTYPE.ELEMENTWISE  # no mapping from update_index_mapping any more
+        for other in graph.module2node.values():
+            for dep in other.dependencies:
+                if node in (dep.source, dep.target):
+                    dep.index_mapping = [constants.INDEX_MAPPING_PLACEHOLDER] * 2
+        if len(before) >= 2 and len(after) >= 2 and before[:2] == after[:2]:
+            continue  # (N, C, ...) -> (N, C, ...): channel i stays channel i, the identity mapping
+        node.dependencies = []
+        module, op = _failing_op_of_node(node, model)
+        node.compressor_cut = (f"the reshape {op} after module '{module}' ({before} -> {after}) moves the "
+                               f"channels out of dimension 1, not the flatten with stride "
+                               f"{sorted(mapped)[0]} Torch-Pruning maps it as: these channels cannot be mapped")
+
+
+def _flatten_stride(before, after):
+    """The stride of the flatten (N, C, *S) -> (N, C * prod(S)) or its inverse between these
+    shapes, or None when the reshape is neither. C = 1 is no flatten of channels: ECA's
+    (N, C) -> (N, 1, C) puts the channels in a sequence dimension."""
+    flat, shaped = (after, before) if len(after) == 2 else (before, after)
+    if len(flat) == 2 and len(shaped) >= 3 and shaped[1] > 1 and flat[1] == np.prod(shaped[1:]):
+        return int(np.prod(shaped[2:]))
+    return None
 
 
 def _check_splits(model, graph):
@@ -245,6 +297,8 @@ def _freeze_reason(group_items, graph, names, exclude_match):
     consumers = 0
     for item in group_items:
         target = item.dep.target
+        if hasattr(target, "compressor_cut"):
+            return target.compressor_cut
         if target.type in _SIZED_OPS:
             return (f"a torch.chunk/split/unbind ({target.name}) divides these channels at fixed positions: "
                     f"slimming them would move the split point")
