@@ -177,7 +177,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, train_mode: bool 
         return module.train(train_mode)(x)
 
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _reshapes_checked(model):
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, forward_fn=forward,
                                                           verbose=False)
     except Exception as e:
@@ -186,49 +186,71 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, train_mode: bool 
             f"({type(e).__name__}: {e}). Channel shuffles, and reshapes or concatenations that mix the "
             f"channel dimension with others, cannot be slimmed.")) from e
     _check_splits(model, graph)
-    _cut_channel_moving_reshapes(model, graph)
     return graph
 
 
-def _cut_channel_moving_reshapes(model, graph):
-    """Stop every group at a reshape that moves the channels out of dimension 1. Torch-Pruning 1.6
-    reads the input shape of a reshape from an autograd field this torch no longer has
+@contextlib.contextmanager
+def _reshapes_checked(model):
+    """While Torch-Pruning builds its graph, check each reshape it maps against the real shapes.
+    Torch-Pruning 1.6 reads a reshape's input shape from an autograd field this torch no longer has
     (`_saved_self_sizes`), so it maps every reshape whose channel counts it infers as different as
     a flatten, with a stride from that inference: ECA's `view(B, 1, C)` around a Conv1d gets stride
-    2048 and the group 2048 * 2048 indices (ecaresnet26t, gcresnet33ts: analysis took hours).
-    Here a flatten mapping is kept only where the real shapes (autograd's saved input sizes and
-    output metadata) are a flatten (N, C, *S) <-> (N, C * prod(S)) with that stride; any other
-    such reshape gets no mapping and no outgoing dependencies, and the groups that reach it are
-    frozen with the reason (_freeze_reason)."""
-    from torch_pruning.dependency import constants
-    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping, update_index_mapping
-    update_index_mapping(graph)
-    strides = {}  # reshape node -> the strides of the flatten mappings Torch-Pruning gave it
-    for node in graph.module2node.values():
-        for dep in node.dependencies:
-            for end in (dep.source, dep.target):
-                if end.type == tp.ops.OPTYPE.RESHAPE:
-                    strides.setdefault(end, set()).update(
-                        m._stride for m in dep.index_mapping if isinstance(m, _FlattenIndexMapping))
-    for node, mapped in strides.items():
+    2048 and a group 2048 * 2048 indices (ecaresnet26t, gcresnet33ts: analysis took hours), and
+    ShuffleNetV2's channel shuffle a stride of 0 (a ZeroDivisionError). Here a flatten mapping is
+    kept only where the real shapes (autograd's saved input sizes and output metadata) are a flatten
+    (N, C, *S) <-> (N, C * prod(S)) with that stride; a reshape that keeps (N, C) gets the identity;
+    any other reshape gets no mapping and no outgoing dependencies, and the groups that reach it
+    are frozen with the reason (_freeze_reason)."""
+    from torch_pruning.dependency import constants, index_mapping
+    original = index_mapping.update_reshape_index_mapping
+
+    def touching(graph, node):
+        return [dep for other in (*node.inputs, *node.outputs, node) for dep in other.dependencies
+                if node in (dep.source, dep.target)]
+
+    def update(graph, node):
         fn = node.grad_fn
-        if not mapped or not hasattr(fn, "_saved_self_sym_sizes") or not getattr(fn, "_input_metadata", None):
-            continue
+        if not hasattr(fn, "_saved_self_sym_sizes") or not getattr(fn, "_input_metadata", None):
+            return original(graph, node)
         before, after = tuple(fn._saved_self_sym_sizes), tuple(fn._input_metadata[0].shape)
-        if mapped == {_flatten_stride(before, after)}:
-            continue
+        try:
+            original(graph, node)
+            mapped = {m._stride for dep in touching(graph, node) for m in dep.index_mapping
+                      if isinstance(m, index_mapping._FlattenIndexMapping)}
+        except ZeroDivisionError:  # it inferred 0 channels on one side: its stride would be 0
+            mapped = {0}
+        if not mapped or mapped == {_flatten_stride(before, after)}:
+            return
         node.type = tp.ops.OPTYPE.ELEMENTWISE  # no mapping from update_index_mapping any more
-        for other in graph.module2node.values():
-            for dep in other.dependencies:
-                if node in (dep.source, dep.target):
-                    dep.index_mapping = [constants.INDEX_MAPPING_PLACEHOLDER] * 2
+        for dep in touching(graph, node):
+            dep.index_mapping = [constants.INDEX_MAPPING_PLACEHOLDER] * 2
         if len(before) >= 2 and len(after) >= 2 and before[:2] == after[:2]:
-            continue  # (N, C, ...) -> (N, C, ...): channel i stays channel i, the identity mapping
+            return  # (N, C, ...) -> (N, C, ...): channel i stays channel i, the identity mapping
         node.dependencies = []
         module, op = _failing_op_of_node(node, model)
         node.compressor_cut = (f"the reshape {op} after module '{module}' ({before} -> {after}) moves the "
                                f"channels out of dimension 1, not the flatten with stride "
                                f"{sorted(mapped)[0]} Torch-Pruning maps it as: these channels cannot be mapped")
+
+    index_mapping.update_reshape_index_mapping = update
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = original
+
+
+@contextlib.contextmanager
+def _index_mappings_kept():
+    """Torch-Pruning recomputes every index mapping of the graph (with a recursive shape inference
+    per reshape) for each group it builds: on swin_t 3/4 of the analysis time. The graph does not
+    change between groups, and build_graph computed (and checked) the mappings once: reuse them."""
+    from torch_pruning.dependency import index_mapping
+    original = index_mapping.update_index_mapping
+    index_mapping.update_index_mapping = lambda graph: None
+    try:
+        yield
+    finally:
+        index_mapping.update_index_mapping = original
 
 
 def _flatten_stride(before, after):
@@ -347,7 +369,9 @@ def find_groups(model: nn.Module, graph: tp.DependencyGraph, exclude=()):
         return name in excluded_names or (excluded_types and isinstance(module, excluded_types))
 
     groups, frozen = [], {}
-    for tp_group in graph.get_all_groups(root_module_types=(nn.Conv1d, nn.Conv2d, nn.Linear)):
+    with _index_mappings_kept():
+        tp_groups = list(graph.get_all_groups(root_module_types=(nn.Conv1d, nn.Conv2d, nn.Linear)))
+    for tp_group in tp_groups:
         root = tp_group[0].dep.target.module
         gname = names[root]
         size = len(tp_group[0].idxs)
