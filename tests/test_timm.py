@@ -21,6 +21,16 @@ def parity(model, space, cfg, side, x, train=False):
     return (y_net - y_small).abs().max().item() / y_net.abs().max().item(), small
 
 
+def assert_two_configurations_slim(model, space, example, side):
+    """Two random configurations slim on `side` with parity and exact FLOPs and parameters."""
+    for seed in range(2):
+        cfg = space.random(seed=seed)
+        diff, small = parity(model, space, cfg, side, torch.randn(2, *example.shape[1:]))
+        assert diff <= 1e-4
+        assert cz.measure_flops(small, example) == space.flops(cfg)
+        assert cz.count_params(small) == space.params(cfg)
+
+
 @pytest.mark.parametrize("name", TIMM_CI_SUBSET)
 def test_timm_parity_and_exact_cost(name):
     """Each model passes parity with exact cost on 3 configurations x 2 sides."""
@@ -140,12 +150,7 @@ def test_groups_whose_slimming_breaks_a_module_are_frozen_before_training(name, 
     added = {n: r for n, r in fixed.frozen.items() if n not in space.frozen}
     assert added and 0 < len(fixed) == len(space) - len(added)
     assert all(f"({broken})" in reason and "slimming it breaks module" in reason for reason in added.values())
-    for seed in range(2):
-        cfg = fixed.random(seed=seed)
-        diff, small = parity(model, fixed, cfg, "left", torch.randn(2, 3, SIZE, SIZE))
-        assert diff <= 1e-4
-        assert cz.measure_flops(small, example) == fixed.flops(cfg)
-        assert cz.count_params(small) == fixed.params(cfg)
+    assert_two_configurations_slim(model, fixed, example, "left")
     assert freeze_unsliceable(model, fixed) is fixed  # nothing left to freeze
 
 
@@ -184,12 +189,7 @@ def test_channel_moving_reshapes_are_cut_in_seconds():
     cut = [r for r in space.frozen.values() if "moves the channels out of dimension 1" in r]
     assert cut and all("ViewBackward0 after module 'layer" in r and ".se.conv'" in r for r in cut)
     assert len(space) > 5  # the blocks' inner widths stay free
-    for seed in range(2):
-        cfg = space.random(seed=seed)
-        diff, small = parity(model, space, cfg, "right", torch.randn(2, 3, SIZE, SIZE))
-        assert diff <= 1e-4
-        assert cz.measure_flops(small, example) == space.flops(cfg)
-        assert cz.count_params(small) == space.params(cfg)
+    assert_two_configurations_slim(model, space, example, "right")
 
 
 def test_unmappable_concat_refused_up_front_naming_module_and_op():
