@@ -191,7 +191,8 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, train_mode: bool 
 
 @contextlib.contextmanager
 def _reshapes_checked(model):
-    """While Torch-Pruning builds its graph, check each reshape it maps against the real shapes.
+    """While Torch-Pruning builds its graph, give it each concat's real channel counts
+    (_concat_sizes) and check each reshape it maps against the real shapes.
     Torch-Pruning 1.6 reads a reshape's input shape from an autograd field this torch no longer has
     (`_saved_self_sizes`), so it maps every reshape whose channel counts it infers as different as
     a flatten, with a stride from that inference: ECA's `view(B, 1, C)` around a Conv1d gets stride
@@ -232,11 +233,39 @@ def _reshapes_checked(model):
                                f"channels out of dimension 1, not the flatten with stride "
                                f"{sorted(mapped)[0]} Torch-Pruning maps it as: these channels cannot be mapped")
 
+    original_concat = index_mapping.update_concat_index_mapping
+
+    def update_concat(graph, node):
+        if node.module.concat_sizes is None:
+            node.module.concat_sizes = _concat_sizes(node)
+        return original_concat(graph, node)
+
     index_mapping.update_reshape_index_mapping = update
+    index_mapping.update_concat_index_mapping = update_concat
     try:
         yield
     finally:
         index_mapping.update_reshape_index_mapping = original
+        index_mapping.update_concat_index_mapping = original_concat
+
+
+def _concat_sizes(node):
+    """The channel counts a channel concat joins, in the order of Torch-Pruning's input nodes, read
+    from autograd (each input's output metadata); None where an input cannot be told apart (then
+    Torch-Pruning infers them from the layers around, and leaves None where it cannot: dpn48b,
+    cs3darknet_s)."""
+    fn = node.grad_fn
+    if getattr(fn, "_saved_dim", None) != 1:
+        return None
+    producers = [(parent, nr) for parent, nr in fn.next_functions if parent is not None]
+    sizes = []
+    for source in node.inputs:
+        found = [(parent, nr) for parent, nr in producers if parent is source.grad_fn]
+        if len(found) != 1 or not getattr(found[0][0], "_input_metadata", None):
+            return None
+        parent, nr = found[0]
+        sizes.append(int(parent._input_metadata[nr].shape[1]))
+    return sizes if len(sizes) == len(producers) else None
 
 
 @contextlib.contextmanager
