@@ -155,20 +155,20 @@ def test_groups_whose_slimming_breaks_a_module_are_frozen_before_training(name, 
 
 
 def test_analysis_time_limit_names_module_and_op():
-    """Torch-Pruning's grouping loops for a very long time on rexnet_100 (its partial residual
-    cat([x[:, :c] + shortcut, x[:, c:]]) sends the same channels round with other index subsets;
-    before, analyze hung past the sweep's 120 s limit): past `time_limit` analyze raises naming the
-    module and op it was handling, and an alarm set before (pytest-timeout's) is back in place."""
+    """Torch-Pruning's grouping used to loop for hours on some graphs (rexnet_100, ecaresnet26t,
+    gcresnet33ts before their reshape and concat mappings were fixed; none is left in the sweep):
+    past `time_limit` analyze raises naming the module and op it was handling, and an alarm set
+    before (pytest-timeout's) is back in place. densenet121 takes seconds, far above 0.2 s."""
     import signal
     import time
-    model = build_timm("rexnet_100", num_classes=10).eval()
+    model = build_timm("densenet121", num_classes=10).eval()
     outer = signal.getitimer(signal.ITIMER_REAL)[0]
     start = time.monotonic()
     with pytest.raises(cz.UnsupportedModelError) as info:
-        cz.analyze(model, torch.randn(1, 3, SIZE, SIZE), time_limit=3)
+        cz.analyze(model, torch.randn(1, 3, SIZE, SIZE), time_limit=0.2)
     assert time.monotonic() - start < 60
     assert info.value.module and info.value.op and info.value.module in str(info.value)
-    assert "took more than 3 s" in str(info.value)
+    assert "took more than 0.2 s" in str(info.value)
     if outer:
         assert signal.getitimer(signal.ITIMER_REAL)[0] > 0
 
@@ -201,3 +201,20 @@ def test_unmappable_concat_refused_up_front_naming_module_and_op():
         cz.analyze(model, torch.randn(1, 3, SIZE, SIZE))
     assert info.value.module and info.value.module in str(info.value)
     assert info.value.op in str(info.value) and "_ConcatOp" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["cs3darknet_s", "rexnet_100"])
+def test_concat_sizes_read_from_autograd(name):
+    """cs3darknet_s concatenates a split half with a block's output, rexnet_100 a sliced residual
+    with the rest: Torch-Pruning could not infer the concats' input sizes (before: a TypeError
+    inside it on cs3darknet_s, a grouping loop past the sweep's limit on rexnet_100). They are read
+    from autograd now, and both analyse in seconds and slim with parity and exact cost."""
+    import time
+    torch.manual_seed(0)
+    model = with_real_statistics(build_timm(name, num_classes=10), size=SIZE).eval()
+    example = torch.randn(1, 3, SIZE, SIZE)
+    start = time.monotonic()
+    space = cz.analyze(model, example, time_limit=60)
+    assert time.monotonic() - start < 60
+    assert len(space) > 5
+    assert_two_configurations_slim(model, space, example, "left")
