@@ -7,6 +7,10 @@ ratio 0.3 (classifier ignored) run and leave a model that runs forward (no parit
 
     python benchmarks/coverage.py [--zoo timm] [--models resnet18,vgg11_bn] [--size 64] [--timeout 900]
 
+Input: --size (64), or the size tests/models.py gives a model; a timm model whose forward fails
+there is retried once at the input size of its pretrained_cfg (efficientformer_l1, visformer_tiny:
+224), and the row records the size used.
+
 Each model runs in its own process (a crash or a timeout costs one row, marked "timeout"). Writes
 benchmarks/results/coverage.json (coverage-timm.json for timm) after every model and resumes from
 it (delete it to start over); prints a markdown table.
