@@ -7,6 +7,10 @@ ratio 0.3 (classifier ignored) run and leave a model that runs forward (no parit
 
     python benchmarks/coverage.py [--zoo timm] [--models resnet18,vgg11_bn] [--size 64] [--timeout 900]
 
+Input: --size (64), or the size tests/models.py gives a model; a timm model whose forward fails
+there is retried once at the input size of its pretrained_cfg (efficientformer_l1, visformer_tiny:
+224), and the row records the size used.
+
 Each model runs in its own process (a crash or a timeout costs one row, marked "timeout"). Writes
 benchmarks/results/coverage.json (coverage-timm.json for timm) after every model and resumes from
 it (delete it to start over); prints a markdown table.
@@ -65,7 +69,17 @@ def check_model(zoo, name, size, time_limit, queue):
     try:
         t0 = time.time()
         model = build(zoo, name)
-        space = cz.analyze(model, x, time_limit=time_limit)  # a clear refusal before the process limit
+        try:
+            space = cz.analyze(model, x, time_limit=time_limit)  # a clear refusal before the process limit
+        except cz.ConfigError:
+            # a model whose forward needs its own input size (a fixed patch grid or attention bias
+            # table): retry once at the size of its pretrained_cfg, as a user would
+            own = getattr(model, "pretrained_cfg", {}).get("input_size", (3, size, size))[-1]
+            if own == size:
+                raise
+            row["input"] = size = own
+            x = torch.randn(1, 3, size, size)
+            space = cz.analyze(model, x, time_limit=time_limit)
         # what compress() does next: freeze the groups whose slimming breaks a module
         space = freeze_unsliceable(model, space)
         row.update(groups=len(space), frozen=len(space.frozen), analyze_s=round(time.time() - t0, 1))
@@ -84,7 +98,7 @@ def check_model(zoo, name, size, time_limit, queue):
         row.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}")
     row["seconds"] = round(time.time() - t0, 1)
     queue.put(row)
-    t1 = time.time()
+    t1 = time.time()  # Torch-Pruning gets the input size the model was checked at
     queue.put({"torch_pruning": torch_pruning_runs(zoo, name, x), "tp_seconds": round(time.time() - t1, 1)})
 
 

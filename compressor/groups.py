@@ -179,7 +179,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, train_mode: bool 
         return raw_outputs(module.train(train_mode), x)
 
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _reshapes_checked(model):
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, forward_fn=forward,
                                                           verbose=False,
                                                           customized_pruners={FrozenBatchNorm2d: _FrozenNorm()})
@@ -207,6 +207,109 @@ class _FrozenNorm(tp.pruner.function.BasePruningFunc):
         return frozen_bn_size(layer)
 
     get_in_channels = get_out_channels
+
+
+@contextlib.contextmanager
+def _reshapes_checked(model):
+    """While Torch-Pruning builds its graph, give it each concat's real channel counts
+    (_concat_sizes) and check each reshape it maps against the real shapes.
+    Torch-Pruning 1.6 reads a reshape's input shape from an autograd field this torch no longer has
+    (`_saved_self_sizes`), so it maps every reshape whose channel counts it infers as different as
+    a flatten, with a stride from that inference: ECA's `view(B, 1, C)` around a Conv1d gets stride
+    2048 and a group 2048 * 2048 indices (ecaresnet26t, gcresnet33ts: analysis took hours), and
+    ShuffleNetV2's channel shuffle a stride of 0 (a ZeroDivisionError). Here a flatten mapping is
+    kept only where the real shapes (autograd's saved input sizes and output metadata) are a flatten
+    (N, C, *S) <-> (N, C * prod(S)) with that stride; a reshape that keeps (N, C) gets the identity;
+    any other reshape gets no mapping and no outgoing dependencies, and the groups that reach it
+    are frozen with the reason (_freeze_reason)."""
+    from torch_pruning.dependency import constants, index_mapping
+    original = index_mapping.update_reshape_index_mapping
+
+    def touching(graph, node):
+        return [dep for other in (*node.inputs, *node.outputs, node) for dep in other.dependencies
+                if node in (dep.source, dep.target)]
+
+    def update(graph, node):
+        fn = node.grad_fn
+        if not hasattr(fn, "_saved_self_sym_sizes") or not getattr(fn, "_input_metadata", None):
+            return original(graph, node)
+        before, after = tuple(fn._saved_self_sym_sizes), tuple(fn._input_metadata[0].shape)
+        try:
+            original(graph, node)
+            mapped = {m._stride for dep in touching(graph, node) for m in dep.index_mapping
+                      if isinstance(m, index_mapping._FlattenIndexMapping)}
+        except ZeroDivisionError:  # it inferred 0 channels on one side: its stride would be 0
+            mapped = {0}
+        if not mapped or mapped == {_flatten_stride(before, after)}:
+            return
+        node.type = tp.ops.OPTYPE.ELEMENTWISE  # no mapping from update_index_mapping any more
+        for dep in touching(graph, node):
+            dep.index_mapping = [constants.INDEX_MAPPING_PLACEHOLDER] * 2
+        if len(before) >= 2 and len(after) >= 2 and before[:2] == after[:2]:
+            return  # (N, C, ...) -> (N, C, ...): channel i stays channel i, the identity mapping
+        node.dependencies = []
+        module, op = _failing_op_of_node(node, model)
+        node.compressor_cut = (f"the reshape {op} after module '{module}' ({before} -> {after}) moves the "
+                               f"channels out of dimension 1, not the flatten with stride "
+                               f"{sorted(mapped)[0]} Torch-Pruning maps it as: these channels cannot be mapped")
+
+    original_concat = index_mapping.update_concat_index_mapping
+
+    def update_concat(graph, node):
+        if node.module.concat_sizes is None:
+            node.module.concat_sizes = _concat_sizes(node)
+        return original_concat(graph, node)
+
+    index_mapping.update_reshape_index_mapping = update
+    index_mapping.update_concat_index_mapping = update_concat
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = original
+        index_mapping.update_concat_index_mapping = original_concat
+
+
+def _concat_sizes(node):
+    """The channel counts a channel concat joins, in the order of Torch-Pruning's input nodes, read
+    from autograd (each input's output metadata); None where an input cannot be told apart (then
+    Torch-Pruning infers them from the layers around, and leaves None where it cannot: dpn48b,
+    cs3darknet_s)."""
+    fn = node.grad_fn
+    if getattr(fn, "_saved_dim", None) != 1:
+        return None
+    producers = [(parent, nr) for parent, nr in fn.next_functions if parent is not None]
+    sizes = []
+    for source in node.inputs:
+        found = [(parent, nr) for parent, nr in producers if parent is source.grad_fn]
+        if len(found) != 1 or not getattr(found[0][0], "_input_metadata", None):
+            return None
+        parent, nr = found[0]
+        sizes.append(int(parent._input_metadata[nr].shape[1]))
+    return sizes if len(sizes) == len(producers) else None
+
+
+@contextlib.contextmanager
+def _index_mappings_kept():
+    """Torch-Pruning recomputes every index mapping of the graph (with a recursive shape inference
+    per reshape) for each group it builds: on swin_t 3/4 of the analysis time. The graph does not
+    change between groups, and build_graph computed (and checked) the mappings once: reuse them."""
+    from torch_pruning.dependency import index_mapping
+    original = index_mapping.update_index_mapping
+    index_mapping.update_index_mapping = lambda graph: None
+    try:
+        yield
+    finally:
+        index_mapping.update_index_mapping = original
+
+
+def _flatten_stride(before, after):
+    """The stride of the flatten (N, C, *S) -> (N, C * prod(S)) or its inverse between these
+    shapes, or None when the reshape is neither. C = 1 is no flatten of channels: ECA's
+    (N, C) -> (N, 1, C) puts the channels in a sequence dimension."""
+    flat, shaped = (after, before) if len(after) == 2 else (before, after)
+    if len(flat) == 2 and len(shaped) >= 3 and shaped[1] > 1 and flat[1] == np.prod(shaped[1:]):
+        return int(np.prod(shaped[2:]))
+    return None
 
 
 def _check_splits(model, graph):
@@ -265,6 +368,8 @@ def _freeze_reason(group_items, graph, names, exclude_match):
     consumers = 0
     for item in group_items:
         target = item.dep.target
+        if hasattr(target, "compressor_cut"):
+            return target.compressor_cut
         if target.type in _SIZED_OPS:
             return (f"a torch.chunk/split/unbind ({target.name}) divides these channels at fixed positions: "
                     f"slimming them would move the split point")
@@ -313,7 +418,9 @@ def find_groups(model: nn.Module, graph: tp.DependencyGraph, exclude=()):
         return name in excluded_names or (excluded_types and isinstance(module, excluded_types))
 
     groups, frozen = [], {}
-    for tp_group in graph.get_all_groups(root_module_types=(nn.Conv1d, nn.Conv2d, nn.Linear)):
+    with _index_mappings_kept():
+        tp_groups = list(graph.get_all_groups(root_module_types=(nn.Conv1d, nn.Conv2d, nn.Linear)))
+    for tp_group in tp_groups:
         root = tp_group[0].dep.target.module
         gname = names[root]
         size = len(tp_group[0].idxs)
