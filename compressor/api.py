@@ -386,7 +386,8 @@ def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input,
     x = inputs.example.to(device)
     with clock("analyze"):
         # groups whose slimming breaks a module are frozen now, not refused after training
-        space = freeze_unsliceable(work, analyze(work, x, bins=cfg.bins, divisor=cfg.divisor, exclude=cfg.exclude))
+        space = freeze_unsliceable(work, analyze(work, x, bins=cfg.bins, divisor=cfg.divisor, exclude=cfg.exclude,
+                                                 binning=cfg.binning))
     bounds_of = []
     for budget in budgets:
         latency = _latency_constraint(budget)
@@ -643,7 +644,7 @@ def _inheritance(net, before, found, inherit, calib, scoring, calib_batches, met
     kept = found.score_alternate if found.side == "left" and not math.isnan(found.score_alternate) else \
         same_draws(score, before, found.cfg, found.side, scoring, calib, calib_batches=calib_batches,
                    metric=metric, output_fn=output_fn)  # the draws the search scored the candidate with
-    trained = found.score_left if found.side == "left" else found.score_right
+    trained = found.score_right if found.side == "right" else found.score_left  # a placement: its left score
     log.info("weights for the slim model: supernet scores %.4f, before supernet training %.4f", trained, kept)
     return (before, "original") if kept > trained else (net, "supernet")
 

@@ -38,7 +38,9 @@ def space_description(space) -> dict:
     return {"groups": [[g.name, int(g.size)] for g in space.groups], "frozen": sorted(space.frozen),
             "bins": space.bins, "divisor": plain(space.divisor), "min_bins": space.min_bins.tolist(),
             "max_bins": space.max_bins.tolist(), "flops": int(space.flops(space.max())),
-            "example_shape": list(space.example_input.shape)}
+            "example_shape": list(space.example_input.shape),
+            # only when not the default: a supernet.pt written before the option still matches
+            **({"binning": space.binning} if space.binning != "channels" else {})}
 
 
 def latency_caches(space) -> dict:
