@@ -216,9 +216,9 @@ def _deliver(run, ctx, cfg, fitted, clock, out_dir, progress, output_fn, keep_ch
 def search_trained(out_dir, model: nn.Module, budgets, train_data, val_data=None, *, target=None, example_input=None,
                    device=None, progress=True, latency_options=None, source=None, output_fn=None,
                    **options) -> dict:
-    """Search the supernet that compress(..., method="bcnet" or "ua", out_dir=out_dir) trained and
-    kept in out_dir/supernet.pt for each of `budgets` (strings such as "flops<=30%"), without
-    training it again; slim, fine-tune and write each result into its own folder
+    """Search the supernet that compress(..., out_dir=out_dir) with a supernet method (bcnet, ua,
+    mctnas, cafenet) trained and kept in out_dir/supernet.pt for each of `budgets` (strings such as
+    "flops<=30%"), without training it again; slim, fine-tune and write each result into its own folder
     out_dir/budget-<budget> (report.json, model.pt, pareto.png, exports). Returns {budget:
     CompressionResult}, keyed by each budget's normal form (str(parse_budget(b)), e.g. "flops<=30%").
 
