@@ -189,20 +189,23 @@ def test_a_width_scores_as_its_best_placement():
 
 
 def test_compress_delivers_and_slims_the_best_placement(tmp_path):
-    """End to end with an out_dir: the report and the saved model carry the placement, and the
+    """End to end with an out_dir: the report, the saved model and the ONNX file carry the placement, and the
     delivered model's weights are the trained supernet's at exactly the placement's channels."""
     torch.manual_seed(0)
     out = tmp_path / "out"
     result = cz.compress(TinyNet(), "flops<=50%", quadrant_data(256), method="cafenet",
                          method_options={"free": 1.0, "placements": 4}, supernet_epochs=0.5, finetune_epochs=0,
                          batch_size=16, bins=8, divisor=1, inherit="supernet", reconstruct="none",
-                         binning="flops", out_dir=str(out), progress=False)
+                         binning="flops", export=["onnx"], out_dir=str(out), progress=False)
     assert result.meets_budget() and result.method == "cafenet"
     assert placement.is_placement(result.side), "the search's best placement was the left window: pick a case " \
                                                 "where it is not, or the test proves nothing"
     report = json.loads((out / "report.json").read_text())
     assert report["side"] == result.side and report["search"]["side"] == result.side
     assert cz.load_slim(str(out / "model.pt"), trust_source=True).compressor_info["side"] == result.side
+    import onnx
+    metadata = {p.key: p.value for p in onnx.load(result.paths["onnx"]).metadata_props}
+    assert metadata["side"] == result.side
 
     saved = torch.load(out / "supernet.pt", weights_only=True)
     ordered = TinyNet()
