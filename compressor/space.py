@@ -116,7 +116,8 @@ class WidthSpace:
             self.width_table = flops_widths(cost, self.sizes, bins, divisors)
         else:
             self.width_table = np.array(
-                [[0] + [kept_channels(c, g.size, bins, d) for c in range(1, bins + 1)] for g, d in zip(groups, divisors)],
+                [[0] + [kept_channels(c, g.size, bins, d) for c in range(1, bins + 1)]
+                 for g, d in zip(groups, divisors)],
                 dtype=np.int64).reshape(len(groups), bins + 1)
         self._rows = np.arange(len(groups))
         # per group, the lowest allowed bin of each distinct width, ascending (WidthSpace.step)
@@ -233,7 +234,8 @@ class WidthSpace:
         check_side(side)
         widths = self.channels(cfg)
         if side in SIDES:
-            return [np.arange(k) if side == "left" else np.arange(int(n) - k, int(n)) for n, k in zip(self.sizes, widths)]
+            return [np.arange(k) if side == "left" else np.arange(int(n) - k, int(n))
+                    for n, k in zip(self.sizes, widths)]
         return [placement_kept(int(n), k, free, g.name)
                 for n, k, free, g in zip(self.sizes, widths, parse_placement(side, len(self.groups)), self.groups)]
 

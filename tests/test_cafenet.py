@@ -15,7 +15,8 @@ from compressor import placement
 from compressor.methods import get_method
 from compressor.finetune import loader
 from compressor.search import same_draws, score
-from compressor.methods.cafenet import CafeNetOptions, CafeNetSampler, placement_search, placements_of, search_placements
+from compressor.methods.cafenet import (CafeNetOptions, CafeNetSampler, placement_search, placements_of,
+                                       search_placements)
 from compressor.train import _epoch_batches, lowest_loss
 from conftest import (DDP_TINYNET, TinyNet, quadrant_data, tinynet_file, torchrun, with_real_statistics,
                       write_image_folder)
