@@ -231,9 +231,9 @@ def _deliver(run, ctx, cfg, fitted, clock, out_dir, progress, output_fn, keep_ch
 def search_trained(out_dir, model: nn.Module, budgets, train_data, val_data=None, *, target=None, example_input=None,
                    device=None, progress=True, latency_options=None, source=None, output_fn=None,
                    **options) -> dict:
-    """Search the supernet that compress(..., method="bcnet" or "ua", out_dir=out_dir) trained and
-    kept in out_dir/supernet.pt for each of `budgets` (strings such as "flops<=30%"), without
-    training it again; slim, fine-tune and write each result into its own folder
+    """Search the supernet that compress(..., out_dir=out_dir) with a supernet method (bcnet, ua,
+    mctnas, cafenet) trained and kept in out_dir/supernet.pt for each of `budgets` (strings such as
+    "flops<=30%"), without training it again; slim, fine-tune and write each result into its own folder
     out_dir/budget-<budget> (report.json, model.pt, pareto.png, exports). Returns {budget:
     CompressionResult}, keyed by each budget's normal form (str(parse_budget(b)), e.g. "flops<=30%").
 
@@ -382,6 +382,9 @@ def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input,
     spec = get_method(cfg.method)
     options = spec.parse_options(cfg.method_options)
     ratio = check_ratio(spec.broaden if cfg.broaden is None else cfg.broaden, cfg.bins)
+    if ratio > 1 and cfg.binning == "flops":  # before any work (the broadened space is built after the channel order)
+        raise ConfigError(f"binning='flops' and broaden={ratio:g} (method {spec.name!r}) cannot be combined: FLOPs bins "
+                          "are laid out on the original widths; use binning='channels' with broadening, or broaden=1")
     relative_latency = [str(c) for b in budgets for c in b if c.metric == "latency" and c.relative]
     if ratio > 1 and relative_latency:
         raise ConfigError(f"{relative_latency[0]} is relative to the original model, but a broadened space's latency "
@@ -416,7 +419,8 @@ def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input,
     x = inputs.example.to(device)
     with clock("analyze"):
         # groups whose slimming breaks a module are frozen now, not refused after training
-        space = freeze_unsliceable(work, analyze(work, x, bins=cfg.bins, divisor=cfg.divisor, exclude=cfg.exclude))
+        space = freeze_unsliceable(work, analyze(work, x, bins=cfg.bins, divisor=cfg.divisor, exclude=cfg.exclude,
+                                                 binning=cfg.binning))
     if ratio == 1:  # a broadened space gets its latency models and bounds once it is built, below
         bounds_of = _bounds(work, space, budgets, clock, progress, latency_options)
 
@@ -709,7 +713,7 @@ def _inheritance(net, before, found, inherit, calib, scoring, calib_batches, met
     kept = found.score_alternate if found.side == "left" and not math.isnan(found.score_alternate) else \
         same_draws(score, before, found.cfg, found.side, scoring, calib, calib_batches=calib_batches,
                    metric=metric, output_fn=output_fn)  # the draws the search scored the candidate with
-    trained = found.score_left if found.side == "left" else found.score_right
+    trained = found.score_right if found.side == "right" else found.score_left  # a placement: its left score
     log.info("weights for the slim model: supernet scores %.4f, before supernet training %.4f", trained, kept)
     return (before, "original") if kept > trained else (net, "supernet")
 

@@ -59,6 +59,9 @@ def broaden(model: nn.Module, space: WidthSpace, ratio: float = 1.5, seed: int =
     if space.broadened:
         raise ConfigError("this width space is broadened already: broaden the original model's space")
     ratio = check_ratio(ratio, space.bins)
+    if space.binning == "flops" and ratio > 1:
+        raise ConfigError("a space with binning='flops' cannot be broadened: its bins are laid out on the original "
+                          "widths; analyze with binning='channels' to broaden")
     extra = extra_bins(ratio, space.bins)
     if extra == 0:
         return model, space

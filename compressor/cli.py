@@ -8,7 +8,7 @@ import os
 import sys
 
 from .budget import LATENCY_TARGETS
-from .config import CHANNEL_ORDERS, CONV_IMPLS, INHERIT, REPARAMS, SCORE_METRICS, CompressConfig
+from .config import BINNINGS, CHANNEL_ORDERS, CONV_IMPLS, INHERIT, REPARAMS, SCORE_METRICS, CompressConfig
 from .errors import CompressorError, ConfigError
 from .formats import EXPORT_FORMATS, PRECISIONS, RUNTIMES, export_format
 
@@ -52,7 +52,7 @@ def cmd_demo(args):
 def cmd_analyze(args):
     from .space import analyze
     model, x = _model_and_input(args.model, args.weights, args.image_size)
-    space = analyze(model, x, bins=args.bins, divisor=args.divisor)
+    space = analyze(model, x, bins=args.bins, divisor=args.divisor, binning=args.binning)
     print(space.describe())
     full = space.max()
     print(f"\n{len(space)} groups, {len(space.frozen)} frozen; {space.flops(full) / 1e6:.1f} MFLOPs, "
@@ -153,7 +153,7 @@ _SEARCH_ARGS = ("effort", "finetune_epochs", "finetune_lr", "inherit", "score_me
 # the compress flags that are CompressConfig fields of the same name (None: the config's default)
 _CONFIG_ARGS = ("method", "supernet_epochs", "finetune_epochs", "batch_size", "lr", "finetune_lr", "effort",
                 "channel_order", "divisor", "inherit", "score_metric", "seed_population", "conv_impl", "distill",
-                "seed", "reparam", "broaden")
+                "seed", "reparam", "broaden", "binning")
 
 
 def cmd_export(args):
@@ -187,6 +187,8 @@ def cmd_bench(args):
             json.dump(doc, f, indent=1)
 
 
+BINNING_HELP = ("how bins map to widths: channels (equal channel steps, default) or flops (CafeNet's FLOPs-sensitive "
+                "bins: every width step adds about the same FLOPs, so cheap layers get coarser bins)")
 TRUST_HELP = ("rebuild a model.pt whose source is a .py file or module:callable (runs that code); by default "
               "only torchvision, timm and compressor builders are rebuilt")
 
@@ -242,9 +244,10 @@ def build_parser():
     model_args(p)
     p.add_argument("--bins", type=int, default=20)
     p.add_argument("--divisor", type=divisor_arg, default="auto", help="an integer, or auto (default)")
+    p.add_argument("--binning", choices=BINNINGS, default="channels", help=BINNING_HELP)
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("compress", help="compress a model to a budget (default method: recon; bcnet, ua, mctnas, bsnas, dagger)")
+    p = sub.add_parser("compress", help="compress a model to a budget (default method: recon; bcnet, ua, mctnas, swp, bsnas, cafenet, dagger)")
     model_args(p)
     p.add_argument("--data", required=True, help="an ImageFolder directory, or one with train/ and val/ (or test/)")
     p.add_argument("--budget", required=True, help="e.g. 'flops<=50%%' or 'flops<=50%%,params<=2.5M'")
@@ -265,6 +268,7 @@ def build_parser():
                    "taylor, |w dL/dw|; l1: weight magnitude; none: keep the model's order)")
     p.add_argument("--divisor", type=divisor_arg, default="auto",
                    help="widths are multiples of this (an integer; default auto: per group, see analyze)")
+    p.add_argument("--binning", choices=BINNINGS, default=CompressConfig.binning, help=BINNING_HELP)
     p.add_argument("--inherit", choices=INHERIT, default=CompressConfig.inherit,
                    help="the slim model's weights: the trained supernet's, the original's, or the better-scoring")
     p.add_argument("--score-metric", choices=SCORE_METRICS, default=CompressConfig.score_metric,

@@ -24,7 +24,10 @@ SUPERNET_SAMPLING = ("anchored", "window")
 # training; or "none"
 RECONSTRUCT = ("anchor", "final", "none")
 CONV_IMPLS = ("auto", "sliced", "reference", "cuda")  # kernels.IMPLS, which imports torch (tests keep them equal)
-REPARAMS = (None, "repnas")  # re-parameterisable branches during fine-tuning (compressor/reparam.py)
+REPARAMS = (None, "repnas")
+# how bins map to widths: "channels", equal channel steps; "flops", equal FLOPs steps (CafeNet's
+# FLOPs-sensitive bins, space.flops_widths); space.BINNINGS, which imports torch (tests keep them equal)
+BINNINGS = ("channels", "flops")  # re-parameterisable branches during fine-tuning (compressor/reparam.py)
 
 
 def _choice(name, value, choices):
@@ -55,6 +58,7 @@ class CompressConfig:
     calib_batches: int = 20             # BN recalibration batches per scored candidate
     bins: int = 20
     divisor: int | str = "auto"
+    binning: str = "channels"           # of BINNINGS
     exclude: tuple = ()
     seed: int = 0
     export: tuple = ()                  # of formats.EXPORT_FORMATS
@@ -90,6 +94,7 @@ class CompressConfig:
         _choice("supernet_sampling", self.supernet_sampling, SUPERNET_SAMPLING)
         _choice("reconstruct", self.reconstruct, RECONSTRUCT)
         _choice("conv_impl", self.conv_impl, CONV_IMPLS)
+        _choice("binning", self.binning, BINNINGS)
         for name in ("supernet_epochs", "finetune_epochs"):
             _number(name, getattr(self, name), 0, strict=False)
         for name in ("effort", "lr", "finetune_lr"):

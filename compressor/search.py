@@ -461,7 +461,7 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
            window=(0.8, 1.0), seed: int = 0, calib_batches: int = 20, max_val_batches: int | None = None,
            sides=("left", "right"), progress: bool = True, metric: str = "top1", seeds=(),
            final_data=None, output_fn=None, alternate: Supernet | None = None, anchors=(),
-           searcher=None) -> SearchResult:
+           searcher=None, placements=None) -> SearchResult:
     """Evolutionary width search on a trained supernet (METHOD section 6), or another searcher's.
 
     `budget`: a Budget or a string such as "flops<=50%,params<=2M". `train_data` supplies the BN
@@ -487,6 +487,9 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
     supernet's weights were trained. `searcher`: None, the evolution above; or any searcher of
     compressor.searchers (e.g. mcts.TreeSearch, RandomSearch): it starts from the feasible seeds,
     scores as many candidates as its own `queries` say, and ignores the prior, window and anchors.
+    `placements`: cfg -> the sides to try for its left score (CafeNet's placements,
+    compressor.placement): the left score is the best of them, and the result's side is the best
+    configuration's best placement.
     """
     if not sides or any(side not in ("left", "right") for side in sides):
         raise ConfigError(f"sides must be a non-empty subset of ('left', 'right'), got {sides!r}")
@@ -508,7 +511,7 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
     log.info("searching %s: %s", ", ".join(b.text for b in bounds), searcher or evolution)
 
     evaluated = {}  # cfg -> (left, right, alternate): the score cache; children are never re-scored
-    rate = _rater(net, alternate, sides, train_data, calib_batches, metric, output_fn)
+    rate = _rater(net, alternate, sides, train_data, calib_batches, metric, output_fn, placements)
 
     def evaluate(cfg):
         evaluated[cfg] = rate(cfg, val_data, max_val_batches)
@@ -545,11 +548,13 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
         best, finalists = _final_choice(space, top, seeds, sides, bounds, rate, final_data)
     elif len(anchors) and alternate is None:
         best, guard = _anchor_guard(net, canon[rows, np.asarray(anchors[0])], best, evaluated, sides, val_data,
-                                    train_data, calib_batches, max_val_batches, metric, output_fn)
+                                    train_data, calib_batches, max_val_batches, metric, output_fn, rate.placed)
     left, right, other = evaluated[best]
     # the alternate's score is its left path's: when it decides the fitness, the side is left
     alternate_wins = other > _fitness((left, right, float("nan")), sides)
     side = "left" if alternate_wins else _better_side(left, right, sides)
+    if side == "left" and not alternate_wins:
+        side = rate.placed.get(best, "left")
     result = SearchResult(
         cfg=best, side=side, score_left=left, score_right=right,
         score=fitness(best), costs={"flops": float(space.flops(best)), "params": float(space.params(best))},
@@ -658,7 +663,7 @@ def clearly_better(difference) -> tuple:
 
 
 def _anchor_guard(net, anchor, best, evaluated, sides, val_data, calib_data, calib_batches, max_batches, metric,
-                  output_fn):
+                  output_fn, placed=None):
     """(the configuration to deliver, the test): the search's best replaces the anchor supernet
     training moved around only when its held-out scores beat the anchor's by more than GUARD_Z
     standard errors of their per-sample difference (paired: the same samples and draws). The best
@@ -669,8 +674,9 @@ def _anchor_guard(net, anchor, best, evaluated, sides, val_data, calib_data, cal
         return best, {}
     difference = 0
     for side in sides:
-        samples = [same_draws(score_samples, net, cfg, side, val_data, calib_data, calib_batches=calib_batches,
-                              max_batches=max_batches, metric=metric, output_fn=output_fn) for cfg in (best, anchor)]
+        samples = [same_draws(score_samples, net, cfg, (placed or {}).get(cfg, side) if side == "left" else side,
+                              val_data, calib_data, calib_batches=calib_batches, max_batches=max_batches,
+                              metric=metric, output_fn=output_fn) for cfg in (best, anchor)]
         difference = difference + (samples[0] - samples[1]) / len(sides)
     mean, error, moved = clearly_better(difference)
     log.info("anchor guard: the search's best scores %+.4f over the anchor (standard error %.4f): %s", mean, error,
@@ -679,17 +685,26 @@ def _anchor_guard(net, anchor, best, evaluated, sides, val_data, calib_data, cal
                                           "standard_error": error, "delivered": "search" if moved else "anchor"}
 
 
-def _rater(net, alternate, sides, calib_data, calib_batches, metric, output_fn):
+def _rater(net, alternate, sides, calib_data, calib_batches, metric, output_fn, placements=None):
     """rate(cfg, data, max_batches) -> (left, right, alternate) held-out scores of a candidate, NaN
-    for what is not scored, each with the same draws."""
+    for what is not scored, each with the same draws. With `placements` (cfg -> sides), the left
+    score is the best placement's, and rate.placed[cfg] that placement (from the last rating)."""
     nan = float("nan")
 
     def rate(cfg, data, max_batches=None):
         def on(supernet, side):
             return same_draws(score, supernet, cfg, side, data, calib_data, calib_batches=calib_batches,
                               max_batches=max_batches, metric=metric, output_fn=output_fn)
-        return (on(net, "left") if "left" in sides else nan, on(net, "right") if "right" in sides else nan,
+
+        def left():
+            if placements is None:
+                return on(net, "left")
+            tried = {side: on(net, side) for side in placements(cfg)}
+            rate.placed[cfg] = max(tried, key=tried.__getitem__)  # ties: the first tried
+            return tried[rate.placed[cfg]]
+        return (left() if "left" in sides else nan, on(net, "right") if "right" in sides else nan,
                 on(alternate, "left") if alternate is not None else nan)
+    rate.placed = {}
     return rate
 
 

@@ -38,11 +38,12 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def inactive_indices(space: WidthSpace, cfg, side) -> dict:
     """{(module name, role): sorted layer indices to remove} for configuration `cfg` on `side`."""
     drop = defaultdict(list)
-    for group, (start, k) in zip(space.groups, space.windows(cfg, side)):
-        if k == group.size:
+    for group, kept in zip(space.groups, space.positions(cfg, side)):
+        if len(kept) == group.size:
             continue
+        removed = np.setdiff1d(np.arange(group.size), kept)
         for key, table in group.index.items():
-            drop[key].append(np.concatenate([table[:start], table[start + k:]]).ravel())
+            drop[key].append(table[removed].ravel())
     return {key: np.unique(np.concatenate(parts)) for key, parts in drop.items()}
 
 

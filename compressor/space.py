@@ -12,8 +12,10 @@ from .cost import CostModel
 from .errors import ConfigError, UnsupportedModelError
 from .heads import check_supported
 from .groups import build_graph, find_groups, graph_time_limit, run_checked
+from .placement import is_placement, kept as placement_kept, parse as parse_placement
 
 SIDES = ("left", "right")
+BINNINGS = ("channels", "flops")  # config.BINNINGS too (the CLI reads it without torch; tests keep them equal)
 
 
 def kept_channels(c: int, n: int, bins: int, divisor: int) -> int:
@@ -44,9 +46,38 @@ def auto_divisor(n: int, cap: int = 8) -> int:
 
 
 def check_side(side: str) -> str:
-    if side not in SIDES:
-        raise ConfigError(f"unknown side {side!r}: use 'left' (channels [0, k)) or 'right' (channels [n-k, n))")
+    if side not in SIDES and not is_placement(side):
+        raise ConfigError(f"unknown side {side!r}: use 'left' (channels [0, k)), 'right' (channels [n-k, n)) "
+                          f"or a CafeNet placement ('free:...', compressor.placement)")
     return side
+
+
+def flops_widths(cost, sizes, bins: int, divisors) -> np.ndarray:
+    """FLOPs-sensitive bins (CafeNet, METHOD section 8): (G, bins + 1) widths where each distinct
+    width of a group adds about the same FLOPs, the same step in every group. The step is the
+    costliest group's FLOPs (the network's FLOPs that depend on its width, the others full) over
+    `bins`, so that group keeps `bins` widths and a cheaper one proportionally fewer (at least
+    2, choice: a group stays searchable). A group's m widths are the aligned widths whose FLOPs are
+    nearest to 1/m, 2/m, ... of its span; bin c maps to width ceil(c * m / bins)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    full = float(cost.flops(sizes))
+    curves, spans = [], []
+    for g, n in enumerate(sizes):
+        widths = np.tile(sizes, (n + 1, 1))
+        widths[:, g] = np.arange(n + 1)
+        curve = np.asarray(cost.flops(widths), dtype=np.float64)  # FLOPs at width 0..n, the others full
+        curves.append(curve)
+        spans.append(full - curve[0])
+    step = max(spans) / bins
+    table = np.zeros((len(sizes), bins + 1), dtype=np.int64)
+    for g, (n, curve, span) in enumerate(zip(sizes, curves, spans)):
+        m = int(min(bins, max(2, np.floor(span / step + 0.5)))) if step > 0 else bins
+        allowed = np.unique(np.r_[np.arange(divisors[g], n + 1, divisors[g]), n]) if n > divisors[g] else np.array([n])
+        levels = [int(allowed[np.argmin(np.abs(curve[allowed] - curve[0] - j * span / m))]) for j in range(1, m + 1)]
+        levels[-1] = int(n)  # the last bin is the original width
+        levels = np.maximum.accumulate(levels)
+        table[g, 1:] = [levels[int(np.ceil(c * m / bins)) - 1] for c in range(1, bins + 1)]
+    return table
 
 
 def check_model(model, example_input):
@@ -75,7 +106,7 @@ class WidthSpace:
     min/max bins)."""
 
     def __init__(self, groups, frozen, cost, *, bins, divisor, example_input, min_bins, max_bins,
-                 source=None, model_fingerprint="", extra_bins=0, original_sizes=None):
+                 source=None, model_fingerprint="", extra_bins=0, original_sizes=None, binning="channels"):
         self.groups = groups
         self.frozen = frozen
         self.cost = cost
@@ -85,18 +116,26 @@ class WidthSpace:
         self.extra_bins = extra_bins
         self.bins = bins + extra_bins
         self.divisor = divisor
+        self.binning = binning
+        self.sizes = np.array([g.size for g in groups], dtype=np.int64)
         self.example_input = example_input
         self.source = source
         self.fingerprint = model_fingerprint
         self.min_bins = np.asarray(min_bins, dtype=np.int64)
         self.max_bins = np.asarray(max_bins, dtype=np.int64)
-        self.sizes = np.array([g.size for g in groups], dtype=np.int64)
         # the groups' sizes in the model before broadening: relative budgets are relative to it
         self.original_sizes = self.sizes.copy() if original_sizes is None else np.asarray(original_sizes, np.int64)
         # width_table[g, c]: channels kept in group g at bin c (column 0 unused)
-        self.width_table = np.array(
-            [[0] + broadened_widths(int(n), bins, extra_bins, auto_divisor(int(n)) if divisor == "auto" else divisor)
-             for n in self.original_sizes], dtype=np.int64).reshape(len(groups), self.bins + 1)
+        divisors = [auto_divisor(int(n)) if divisor == "auto" else divisor for n in self.original_sizes]
+        if binning == "flops":
+            if extra_bins:
+                raise ConfigError("binning='flops' and a broadened space (broaden > 1) cannot be combined: "
+                                  "use binning='channels' with broaden, or broaden=1 with binning='flops'")
+            self.width_table = flops_widths(cost, self.sizes, bins, divisors)
+        else:
+            self.width_table = np.array(
+                [[0] + broadened_widths(int(n), bins, extra_bins, d) for n, d in zip(self.original_sizes, divisors)],
+                dtype=np.int64).reshape(len(groups), self.bins + 1)
         if not np.array_equal(self.width_table[:, -1], self.sizes):
             raise ConfigError(f"the groups' sizes {self.sizes.tolist()} are not the widest bins "
                               f"{self.width_table[:, -1].tolist()}: a broadened space needs cz.broaden's model")
@@ -173,12 +212,17 @@ class WidthSpace:
                           CostModel(work, keep, example), bins=self.base_bins, divisor=self.divisor,
                           example_input=self.example_input, min_bins=self.min_bins[rows],
                           max_bins=self.max_bins[rows], source=self.source, model_fingerprint=self.fingerprint,
-                          extra_bins=self.extra_bins, original_sizes=self.original_sizes[rows])
+                          extra_bins=self.extra_bins, original_sizes=self.original_sizes[rows], binning=self.binning)
 
 
     def __repr__(self):
         return (f"WidthSpace({len(self.groups)} groups, {len(self.frozen)} frozen, bins={self.bins}, "
-                f"divisor={self.divisor}{f', {self.extra_bins} above the original width' if self.extra_bins else ''})")
+                f"divisor={self.divisor}, binning={self.binning}"
+                f"{f', {self.extra_bins} above the original width' if self.extra_bins else ''})")
+
+    def size(self) -> int:
+        """How many distinct networks the space holds (the product of each group's distinct widths)."""
+        return int(np.prod([len(levels) for levels in self._levels], dtype=object))
 
     # -- configurations ------------------------------------------------------------------
     def check(self, cfg) -> tuple:
@@ -251,9 +295,22 @@ class WidthSpace:
         return [int(k) for k in self.width_table[self._rows, cfg]]
 
     def windows(self, cfg, side="left") -> list:
-        """(start, length) of the kept channels of each group on that side."""
+        """(start, length) of the kept channels of each group on that side, or None for a group whose
+        kept channels (a placement's) are not one window."""
+        return [(int(p[0]), len(p)) if len(p) and p[-1] - p[0] + 1 == len(p) else None
+                for p in self.positions(cfg, side)]
+
+    def positions(self, cfg, side="left") -> list:
+        """Per group, the ascending positions (0..n-1, the index tables' rows) of its kept channels
+        on that side: [0, k) on the left, [n - k, n) on the right, a placement's base and free
+        channels (compressor.placement)."""
         check_side(side)
-        return [(0 if side == "left" else int(n) - k, k) for n, k in zip(self.sizes, self.channels(cfg))]
+        widths = self.channels(cfg)
+        if side in SIDES:
+            return [np.arange(k) if side == "left" else np.arange(int(n) - k, int(n))
+                    for n, k in zip(self.sizes, widths)]
+        return [placement_kept(int(n), k, free, g.name)
+                for n, k, free, g in zip(self.sizes, widths, parse_placement(side, len(self.groups)), self.groups)]
 
     # -- cost ----------------------------------------------------------------------------
     def _widths(self, cfg):
@@ -349,21 +406,28 @@ def _traced(work, example_input):
 
 
 def analyze(model: nn.Module, example_input: torch.Tensor, bins: int = 20, divisor: int = 8,
-            exclude=(), min_ratio: float = 0.0, max_ratio: float = 1.0, time_limit: float = 300.0) -> WidthSpace:
+            exclude=(), min_ratio: float = 0.0, max_ratio: float = 1.0, time_limit: float = 300.0,
+            binning: str = "channels") -> WidthSpace:
     """Find the channel groups of `model` and build its width space and exact cost model.
 
     `divisor`: widths are multiples of it (1 disables alignment); "auto" picks one per group
     with auto_divisor. `exclude` holds module names or types whose output channels stay fixed. `min_ratio` and
     `max_ratio` bound every group's width (as a fraction of its original size). `time_limit`:
     seconds Torch-Pruning's tracing and grouping may take before an UnsupportedModelError (some
-    graphs make it loop for hours; None: no limit). The model is not modified: the analysis runs
-    on a copy.
+    graphs make it loop for hours; None: no limit). `binning`: "channels", bin c keeps c/bins of
+    a group's channels; "flops", CafeNet's FLOPs-sensitive bins (flops_widths): every width step
+    adds about the same FLOPs, so cheap groups get coarser bins and the space is smaller (bins still
+    index 1..bins, and min_ratio/max_ratio still bound the bin index). The model is not modified:
+    the analysis runs on a copy.
     """
     check_model(model, example_input)
     if not isinstance(bins, int) or bins < 1:
         raise ConfigError(f"bins must be a positive integer, got {bins!r}")
     if divisor != "auto" and (not isinstance(divisor, int) or divisor < 1):
         raise ConfigError(f"divisor must be a positive integer (1 disables alignment) or 'auto', got {divisor!r}")
+    if binning not in BINNINGS:
+        raise ConfigError(f"unknown binning {binning!r}: use 'channels' (equal channel steps) or 'flops' "
+                          f"(equal FLOPs steps, CafeNet)")
     if not 0 <= min_ratio <= max_ratio <= 1 or max_ratio == 0:
         raise ConfigError(f"need 0 <= min_ratio <= max_ratio <= 1 and max_ratio > 0, got {min_ratio}, {max_ratio}")
     if isinstance(exclude, (str, type)):
@@ -389,4 +453,4 @@ def analyze(model: nn.Module, example_input: torch.Tensor, bins: int = 20, divis
                       example_input=example_input[:1].cpu().clone(),
                       min_bins=[lo] * len(groups), max_bins=[hi] * len(groups),
                       source=getattr(model, "_compressor_source", None),
-                      model_fingerprint=fingerprint(model))
+                      model_fingerprint=fingerprint(model), binning=binning)

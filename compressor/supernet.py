@@ -1,7 +1,8 @@
 """The masked supernet: any configuration and side of the width space, inside one set of weights.
 
 Left windows keep channels [0, k) of a group, right windows [n - k, n) (BCNet's bilateral
-coupling); every group of one forward pass is on the same side. Inactive channels are zeroed at
+coupling); every group of one forward pass is on the same side. A CafeNet placement
+(compressor.placement) keeps the left window's base and free channels of its choosing. Inactive channels are zeroed at
 the output of every layer that produces or normalises them, so the network computes exactly what
 the physically slimmed network computes on the active channels. Convolutions and batch norms whose
 channels are one contiguous window compute only that window (the rest of a width-k subnet's cost
@@ -168,30 +169,34 @@ class Supernet(nn.Module):
         return hook
 
     def set(self, cfg, side="left"):
-        """Activate configuration `cfg` on `side` ("left" or "right")."""
+        """Activate configuration `cfg` on `side` ("left", "right" or a CafeNet placement,
+        compressor.placement). A group whose kept channels are not one window (a placement's) is
+        computed at full width and masked."""
         self.cfg = self.space.check(cfg)
         self.side = check_side(side)
+        positions = self.space.positions(self.cfg, side)
         windows = self.space.windows(self.cfg, side)
+        sizes = self.space.sizes
+        narrow = [len(p) < n for p, n in zip(positions, sizes)]
         self._masks, self._device_masks = {}, {}
         self._conv_windows = {}
         self._norm_windows = {name: windows[g] for name, g in self._norm_groups.items()
-                              if windows[g][1] < self.space.groups[g].size}
+                              if narrow[g] and windows[g] is not None}
         for name, (g_out, g_in) in self._conv_groups.items():
-            if (g_out is not None and windows[g_out][1] < self.space.groups[g_out].size) or \
-                    (g_in is not None and windows[g_in][1] < self.space.groups[g_in].size):
+            groups = [g for g in (g_out, g_in) if g is not None]
+            if any(narrow[g] for g in groups) and all(windows[g] is not None for g in groups):
                 module = self.model.get_submodule(name)
                 self._conv_windows[name] = (windows[g_out] if g_out is not None else (0, module.out_channels),
                                             windows[g_in] if g_in is not None else (0, module.in_channels))
         for name, entries in self._targets.items():
-            if all(windows[g][1] == self.space.groups[g].size for g, _ in entries):
+            if not any(narrow[g] for g, _ in entries):
                 continue  # every group of this layer is at full width
             module = self.model.get_submodule(name)
             size = kind_of(module).size(module, "out")
             mask = np.ones(size, dtype=np.float32)
             for g, table in entries:
-                start, k = windows[g]
                 mask[table.ravel()] = 0.0
-                mask[table[start:start + k].ravel()] = 1.0
+                mask[table[positions[g]].ravel()] = 1.0
             self._masks[name] = torch.from_numpy(mask)
         return self
 

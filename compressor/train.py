@@ -100,6 +100,29 @@ def _classes(x, net, output_fn):
         return logits(net.full()(x[:2]), output_fn).shape[-1]
 
 
+def lowest_loss(net: Supernet, x, y, subnets, output_fn=None, label_smoothing=0.0):
+    """CafeNet's min-min selection: of `subnets` [(cfg, side, weight)], the one whose cross-entropy
+    on the batch (x, y) is lowest, each measured without gradient in the supernet's current mode;
+    the BN running statistics are left as they were (a probe is not a training step). Under
+    torch.distributed the losses are averaged over ranks, so every rank picks the same subnet."""
+    if len(subnets) == 1:
+        return subnets[0]
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms]
+    losses = []
+    with torch.no_grad():
+        for cfg, side, _ in subnets:
+            net.set(cfg, side)
+            losses.append(F.cross_entropy(logits(net(x), output_fn), y, label_smoothing=label_smoothing))
+            for m, buffers in zip(norms, saved):
+                for k, b in buffers.items():
+                    getattr(m, k).copy_(b)
+    losses = torch.stack(losses).double()
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(losses)
+    return subnets[int(torch.argmin(losses))]  # ties: the first
+
+
 def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=None, steps=None, epochs=None,
                    batch_size=None, lr=0.01, momentum=0.9, weight_decay=4e-5, label_smoothing=0.1,
                    teacher: nn.Module = None, distill_weight=0.5, checkpoint_dir=None, checkpoint_every=200,
@@ -201,10 +224,16 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
             net.train()
         check_labels(y, classes, f"supernet training step {step} (epoch {epoch}, batch {offset})")
         subnets = sampler.next()
-        if world > 1:  # every rank trains rank 0's configurations
+        if world > 1 and spec.min_min:  # every rank weighs rank 0's alternatives (placements included)
+            shared = [subnets]
+            dist.broadcast_object_list(shared, 0)
+            subnets = shared[0]
+        elif world > 1:  # every rank trains rank 0's configurations
             cfgs = torch.tensor([c for c, _, _ in subnets], device=device)
             dist.broadcast(cfgs, 0)
             subnets = [(tuple(c.tolist()), s, w) for c, (_, s, w) in zip(cfgs, subnets)]
+        if spec.min_min:  # the step's subnets are alternatives: train the one with the lowest loss
+            subnets = [lowest_loss(net, x, y, subnets, output_fn, label_smoothing)]
         with torch.no_grad():
             target = logits(teacher(x), output_fn) if teacher is not None else None
         optimizer.zero_grad(set_to_none=True)

@@ -38,7 +38,9 @@ def space_description(space) -> dict:
     return {"groups": [[g.name, int(g.size)] for g in space.groups], "frozen": sorted(space.frozen),
             "bins": space.bins, "divisor": plain(space.divisor), "min_bins": space.min_bins.tolist(),
             "max_bins": space.max_bins.tolist(), "flops": int(space.flops(space.max())),
-            "example_shape": list(space.example_input.shape)}
+            "example_shape": list(space.example_input.shape),
+            # only when not the default: a supernet.pt written before the option still matches
+            **({"binning": space.binning} if space.binning != "channels" else {})}
 
 
 def latency_caches(space) -> dict:
@@ -92,8 +94,10 @@ def load(out_dir, device="cpu") -> dict:
     """out_dir/supernet.pt as data, or a ConfigError saying why there is none and what to run."""
     path = os.path.join(out_dir, FILE)
     if not os.path.isdir(out_dir):
+        from .methods import METHODS  # the registry imports the search: only when refusing
+        supernet_methods = [name for name in METHODS if METHODS.get(name).fit is None]
         raise ConfigError(f"{out_dir} is not a folder: give the out_dir of a compress() run with a supernet "
-                          f"method ('bcnet', 'ua' or 'mctnas')")
+                          f"method ({', '.join(map(repr, supernet_methods))})")
     if not os.path.isfile(path):
         method = _reported_method(out_dir)
         why = (f"its run used method {method!r}, which trains no supernet" if method else

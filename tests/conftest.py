@@ -112,6 +112,21 @@ def tiny_compress_cli(folder, method):
             "--finetune-epochs", "0", "--supernet-epochs", "0.5", "--batch-size", "16", "--method", method]
 
 
+# the start of a torchrun script that trains TinyNet: the gloo process group, `rank`, `model` and its `space`
+DDP_TINYNET = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+import compressor as cz
+from conftest import TinyNet, quadrant_data
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = TinyNet()
+space = cz.analyze(model, torch.randn(1, 3, 16, 16), bins=8, divisor=1)
+"""
+
+
 def torchrun(folder, script, port, processes=2):
     """Run the text `script` (a template whose {tests} is this folder) under torchrun with `processes`
     processes on `port`, its one argument `folder` (where it writes); raises when a process fails."""

@@ -54,3 +54,9 @@ def test_the_torch_free_conv_impls_match_the_kernels():
     from compressor.config import CONV_IMPLS
     from compressor.kernels import IMPLS
     assert set(CONV_IMPLS) == set(IMPLS)
+
+
+def test_binnings_match_the_space():
+    from compressor.config import BINNINGS
+    from compressor.space import BINNINGS as SPACE_BINNINGS
+    assert BINNINGS == SPACE_BINNINGS

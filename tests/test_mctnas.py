@@ -16,7 +16,7 @@ from compressor.methods import get_method
 from compressor.methods.mctnas import MCTNASOptions, warm_seeds
 from compressor.samplers import TrainingWindow
 from compressor.search import constraints, feasible
-from conftest import TinyNet, quadrant_data, tiny_compress_cli, torchrun
+from conftest import DDP_TINYNET, TinyNet, quadrant_data, tiny_compress_cli, torchrun
 
 TARGET = (3, 6, 2)  # the widths whose synthetic training loss is lowest
 
@@ -128,17 +128,7 @@ def test_compress_with_mctnas_meets_the_budget_and_scores_its_queries():
     assert len(result.search["history"]) == 6  # the queries option reached the tree search
 
 
-DDP_SCRIPT = """
-import os, sys, torch, torch.distributed as dist
-sys.path.insert(0, {tests!r})
-import compressor as cz
-from conftest import TinyNet, quadrant_data
-
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-torch.manual_seed(0)
-model = TinyNet()
-space = cz.analyze(model, torch.randn(1, 3, 16, 16), bins=8, divisor=1)
+DDP_SCRIPT = DDP_TINYNET + """
 trained = cz.train_supernet(cz.supernet(model, space), quadrant_data(256), method="mctnas", steps=6, batch_size=16,
                             seed=rank, progress=False)  # different seeds and shards: the trees must still agree
 torch.save(trained.sampler.tree.state_dict(), os.path.join(sys.argv[1], f"tree{{rank}}.pt"))

@@ -314,11 +314,13 @@ def test_cli_pareto_then_pick(tmp_path):
     assert run.returncode == 2 and "invalid choice: 'macs'" in run.stderr
 
 
-def test_an_mctnas_supernet_serves_another_budget(tmp_path):
-    """MCT-NAS keeps its supernet like BCNet; searched again (from the seeds: the training tree is
-    not kept), it meets the new budget without training."""
-    options = dict(ANY_BUDGET, method="mctnas")
+@pytest.mark.parametrize("method", ["mctnas", "cafenet"])
+def test_another_supernet_method_serves_another_budget(tmp_path, method):
+    """MCT-NAS and CafeNet keep their supernet like BCNet; searched again (MCT-NAS from the seeds: the
+    training tree is not kept; CafeNet over placements again), it meets the new budget without
+    training."""
+    options = dict(ANY_BUDGET, method=method)
     cz.compress(tiny(), "flops<=50%", *data(), out_dir=str(tmp_path), **options)
     result = search_trained(str(tmp_path), tiny(), ["flops<=40%"], *data(), progress=False)["flops<=40%"]
-    assert result.method == "mctnas" and result.supernet["trained"] is False and result.supernet["steps"] == 0
+    assert result.method == method and result.supernet["trained"] is False and result.supernet["steps"] == 0
     assert result.meets_budget() and "supernet_s" not in result.timings

@@ -55,6 +55,9 @@ class Method:
     searcher_kwargs: Callable[..., dict] = lambda options, sampler: {}
     # fit(FitContext) -> Fitted: replaces supernet training and search (None: a supernet method)
     fit: Callable[..., Any] | None = None
+    # min-min (CafeNet): a step's subnets are alternatives; each one's loss is measured without
+    # gradient and only the lowest-loss one is trained (train.lowest_loss)
+    min_min: bool = False
     # a fit that trains nothing: compress() fine-tunes for supernet_epochs + finetune_epochs instead
     finetunes_supernet_epochs: bool = False
     # the width space's default broadening (compressor/broaden.py): compress's broaden=None takes it
