@@ -382,7 +382,8 @@ def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input,
     spec = get_method(cfg.method)
     options = spec.parse_options(cfg.method_options)
     ratio = check_ratio(spec.broaden if cfg.broaden is None else cfg.broaden, cfg.bins)
-    if ratio > 1 and cfg.binning == "flops":  # before any work (the broadened space is built after the channel order)
+    binning = cfg.binning or ("channels" if ratio > 1 else "flops")
+    if ratio > 1 and binning == "flops":  # before any work (the broadened space is built after the channel order)
         raise ConfigError(f"binning='flops' and broaden={ratio:g} (method {spec.name!r}) cannot be combined: FLOPs bins "
                           "are laid out on the original widths; use binning='channels' with broadening, or broaden=1")
     relative_latency = [str(c) for b in budgets for c in b if c.metric == "latency" and c.relative]
@@ -420,7 +421,7 @@ def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input,
     with clock("analyze"):
         # groups whose slimming breaks a module are frozen now, not refused after training
         space = freeze_unsliceable(work, analyze(work, x, bins=cfg.bins, divisor=cfg.divisor, exclude=cfg.exclude,
-                                                 binning=cfg.binning))
+                                                 binning=binning))
     if ratio == 1:  # a broadened space gets its latency models and bounds once it is built, below
         bounds_of = _bounds(work, space, budgets, clock, progress, latency_options)
 

@@ -268,7 +268,9 @@ def build_parser():
                    "taylor, |w dL/dw|; l1: weight magnitude; none: keep the model's order)")
     p.add_argument("--divisor", type=divisor_arg, default="auto",
                    help="widths are multiples of this (an integer; default auto: per group, see analyze)")
-    p.add_argument("--binning", choices=BINNINGS, default=CompressConfig.binning, help=BINNING_HELP)
+    p.add_argument("--binning", choices=BINNINGS, default=CompressConfig.binning,
+                   help=BINNING_HELP.replace("channel steps, default", "channel steps") + "; default flops, channels "
+                   "when the method broadens the space (bsnas)")
     p.add_argument("--inherit", choices=INHERIT, default=CompressConfig.inherit,
                    help="the slim model's weights: the trained supernet's, the original's, or the better-scoring")
     p.add_argument("--score-metric", choices=SCORE_METRICS, default=CompressConfig.score_metric,

@@ -58,7 +58,9 @@ class CompressConfig:
     calib_batches: int = 20             # BN recalibration batches per scored candidate
     bins: int = 20
     divisor: int | str = "auto"
-    binning: str = "channels"           # of BINNINGS
+    # of BINNINGS; None: "flops", or "channels" in a broadened space (FLOPs bins are laid out on the original
+    # widths); chosen from the quality benchmark (README, Quality)
+    binning: str | None = None
     exclude: tuple = ()
     seed: int = 0
     export: tuple = ()                  # of formats.EXPORT_FORMATS
@@ -94,7 +96,8 @@ class CompressConfig:
         _choice("supernet_sampling", self.supernet_sampling, SUPERNET_SAMPLING)
         _choice("reconstruct", self.reconstruct, RECONSTRUCT)
         _choice("conv_impl", self.conv_impl, CONV_IMPLS)
-        _choice("binning", self.binning, BINNINGS)
+        if self.binning is not None:
+            _choice("binning", self.binning, BINNINGS)
         for name in ("supernet_epochs", "finetune_epochs"):
             _number(name, getattr(self, name), 0, strict=False)
         for name in ("effort", "lr", "finetune_lr"):
