@@ -134,7 +134,7 @@ def test_inherit_picks_where_the_slim_weights_come_from(pretrained, inherit):
     from compressor.data import train_val_split
     from compressor.finetune import loader
     from compressor.slim import channel_importance
-    space = cz.analyze(pretrained, torch.randn(1, 3, 16, 16), bins=10, divisor=1)
+    space = cz.analyze(pretrained, torch.randn(1, 3, 16, 16), bins=10, divisor=1, binning="flops")  # compress's
     with torch.random.fork_rng(devices=[]):  # the importance compress computed: same seed, same batches
         torch.manual_seed(0)
         fit, _ = train_val_split(quadrant_data(256), 0.1, 0)

@@ -219,7 +219,7 @@ def test_compress_with_repnas_end_to_end(pretrained, tmp_path):
     assert_unchanged(pretrained, before)
     assert result.meets_budget() and result.result["flops"] == cz.measure_flops(result.model, x)
     assert result.result["accuracy"] > 0.8
-    space = cz.analyze(pretrained, x, bins=10, divisor=1)
+    space = cz.analyze(pretrained, x, bins=10, divisor=1, binning="flops")  # compress's default binning
     slim = cz.slim(pretrained, space, result.widths, result.side)
     assert repr(result.model) == repr(slim) and not blocks(result.model)
     branches = result.reparam
