@@ -101,14 +101,14 @@ def write_image_folder(root, data):
         Image.fromarray(np.ascontiguousarray(pixels)).save(folder / f"{i}.png")
 
 
-def tiny_compress_cli(folder, method):
+def tiny_compress_cli(folder, method, budget="flops<=50%"):
     """The CLI's compress command for `method` on TinyNet(width=8) and a small ImageFolder it writes
-    under `folder` (budget flops<=50%, half a supernet epoch, no fine-tuning; report in folder/out)."""
+    under `folder` (`budget`, half a supernet epoch, no fine-tuning; report in folder/out)."""
     import sys
     write_image_folder(folder / "data" / "train", quadrant_data(128))
     write_image_folder(folder / "data" / "val", quadrant_data(32, seed=1))
     return [sys.executable, "-m", "compressor.cli", "-q", "compress", "--model", tinynet_file(folder), "--data",
-            str(folder / "data"), "--budget", "flops<=50%", "--out", str(folder / "out"), "--image-size", "16",
+            str(folder / "data"), "--budget", budget, "--out", str(folder / "out"), "--image-size", "16",
             "--finetune-epochs", "0", "--supernet-epochs", "0.5", "--batch-size", "16", "--method", method]
 
 

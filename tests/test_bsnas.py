@@ -6,7 +6,6 @@ under DDP on every rank alike), and the search runs on what remains; compress() 
 import functools
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,8 +20,7 @@ from compressor.methods.bsnas import BSNASOptions
 from compressor.samplers import TrainingWindow
 from compressor.search import constraints, feasible
 from compressor.shrink import ShrinkingSampler
-from conftest import (TinyNet, assert_unchanged, quadrant_data, snapshot, tinynet_file, torchrun, with_real_statistics,
-                      write_image_folder)
+from conftest import DDP_TINYNET, TinyNet, assert_unchanged, quadrant_data, snapshot, tiny_compress_cli, torchrun, with_real_statistics
 
 SIZE = 64  # input side for the torchvision networks: small, and every stride still leaves a pixel
 
@@ -248,17 +246,9 @@ def test_options_reach_the_sampler():
     assert len(sampler.next()) == 3 and sampler.points == (5,) and sampler.sides == ("left",)
 
 
-DDP_SCRIPT = """
-import os, sys, torch, torch.distributed as dist
-sys.path.insert(0, {tests!r})
-import compressor as cz
+DDP_SCRIPT = DDP_TINYNET + """
 from compressor.broaden import broaden
-from conftest import TinyNet, quadrant_data
-
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-torch.manual_seed(0)
-model, space = broaden(TinyNet(), cz.analyze(TinyNet(), torch.randn(1, 3, 16, 16), bins=8, divisor=1), 1.5)
+model, space = broaden(model, space, 1.5)
 trained = cz.train_supernet(cz.supernet(model, space), quadrant_data(256), method="bsnas", steps=8, batch_size=16,
                             seed=rank, progress=False)  # different seeds and shards: the shrinks must still agree
 torch.save({{"off": torch.as_tensor(trained.sampler.off), "history": trained.sampler.history,
@@ -277,12 +267,7 @@ def test_ddp_ranks_shrink_alike(tmp_path):
 
 
 def test_cli_compress_with_bsnas(tmp_path):
-    write_image_folder(tmp_path / "data" / "train", quadrant_data(128))
-    write_image_folder(tmp_path / "data" / "val", quadrant_data(32, seed=1))
-    cli = [sys.executable, "-m", "compressor.cli", "-q", "compress", "--model", tinynet_file(tmp_path), "--data",
-           str(tmp_path / "data"), "--budget", "flops<=100%", "--out", str(tmp_path / "out"), "--image-size", "16",
-           "--finetune-epochs", "0", "--supernet-epochs", "0.5", "--batch-size", "16", "--method", "bsnas",
-           "--effort", "0.05"]
+    cli = tiny_compress_cli(tmp_path, "bsnas", "flops<=100%") + ["--effort", "0.05"]
     done = subprocess.run(cli + ["--method-option", "shrink_at=[0.5]"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)

@@ -18,8 +18,7 @@ from compressor.search import same_draws, score
 from compressor.methods.cafenet import (CafeNetOptions, CafeNetSampler, placement_search, placements_of,
                                        search_placements)
 from compressor.train import _epoch_batches, lowest_loss
-from conftest import (DDP_TINYNET, TinyNet, quadrant_data, tinynet_file, torchrun, with_real_statistics,
-                      write_image_folder)
+from conftest import DDP_TINYNET, TinyNet, quadrant_data, tiny_compress_cli, tinynet_file, torchrun, with_real_statistics
 
 
 def random_placements(space, cfg, count, free=1.0, seed=0):
@@ -221,12 +220,7 @@ def test_compress_delivers_and_slims_the_best_placement(tmp_path):
 
 
 def test_cli_compress_with_cafenet(tmp_path):
-    write_image_folder(tmp_path / "data" / "train", quadrant_data(128))
-    write_image_folder(tmp_path / "data" / "val", quadrant_data(32, seed=1))
-    cli = [sys.executable, "-m", "compressor.cli", "-q", "compress", "--model", tinynet_file(tmp_path), "--data",
-           str(tmp_path / "data"), "--budget", "flops<=50%", "--out", str(tmp_path / "out"), "--image-size", "16",
-           "--finetune-epochs", "0", "--supernet-epochs", "0.5", "--batch-size", "16", "--method", "cafenet",
-           "--binning", "flops"]
+    cli = tiny_compress_cli(tmp_path, "cafenet") + ["--binning", "flops"]
     run = subprocess.run(cli + ["--method-option", "placements=2"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())

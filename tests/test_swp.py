@@ -19,7 +19,7 @@ from compressor.losses import kd
 from compressor.methods import get_method
 from compressor.methods.swp import SWPOptions, stage_losses, training_forward, _full_network
 from compressor.stages import find_stages, relative_distance, space_size
-from conftest import TinyNet, quadrant_data, tiny_compress_cli, torchrun
+from conftest import DDP_TINYNET, TinyNet, quadrant_data, tiny_compress_cli, torchrun
 
 X32 = torch.randn(1, 3, 32, 32)
 
@@ -213,20 +213,10 @@ def test_cli_compress_with_swp(tmp_path):
     assert bad.returncode == 2 and "swp option n_random must be an integer >= 0, got -1" in bad.stderr
 
 
-DDP_SCRIPT = """
-import os, sys, torch, torch.distributed as dist
-sys.path.insert(0, {tests!r})
-import compressor as cz
+DDP_SCRIPT = DDP_TINYNET + """
 from compressor.finetune import loader
 from compressor.methods import get_method
 from compressor.methods.swp import SWPOptions
-from conftest import TinyNet, quadrant_data
-
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-torch.manual_seed(0)
-model = TinyNet()
-space = cz.analyze(model, torch.randn(1, 3, 16, 16), bins=8, divisor=1)
 net = cz.supernet(model, space)
 cz.train_supernet(net, quadrant_data(256), method="swp", steps=6, batch_size=16, seed=rank,
                   progress=False)  # different seeds and shards: the configurations come from rank 0
