@@ -65,6 +65,11 @@ def broaden(model: nn.Module, space: WidthSpace, ratio: float = 1.5, seed: int =
     extra = extra_bins(ratio, space.bins)
     if extra == 0:
         return model, space
+    grouped = sorted({m.module for group in space.groups for m in group.members if m.kind == "grouped_conv"})
+    if grouped:  # new channels go after a group's last index: that would leave a conv group's block
+        raise UnsupportedModelError(
+            f"broaden cannot widen channels that grouped convolutions read or write ({', '.join(grouped[:3])}"
+            f"{', ...' if len(grouped) > 3 else ''}): use broaden=1 (the original widths)")
     adds = [kept_channels(extra, int(n), space.bins, auto_divisor(int(n)) if space.divisor == "auto" else space.divisor)
             for n in space.sizes]
     wide = copy.deepcopy(model)

@@ -114,11 +114,13 @@ class CostModel:
     @staticmethod
     def _add_dims(kind, module, name, coverage, out_dims, in_dims):
         out_dims.add(kind.size(module, "out"), coverage.get((name, "out"), ()))
-        fixed_in = kind.cost(module).fixed_in  # a depthwise filter reads one channel whatever the width
-        if fixed_in is None:
-            in_dims.add(kind.size(module, "in"), coverage.get((name, "in"), ()))
-        else:
-            in_dims.add_constant(fixed_in)
+        cost = kind.cost(module)
+        if cost.fixed_in is not None:  # a depthwise filter reads one channel whatever the width
+            in_dims.add_constant(cost.fixed_in)
+        else:  # a grouped conv's filter reads its group's share of the input channels
+            share = cost.in_groups
+            in_dims.add(kind.size(module, "in") / share,
+                        [(g, multiplicity / share, size) for g, multiplicity, size in coverage.get((name, "in"), ())])
 
     def _flops(self, k):
         out = self.flop_out + k @ self.flop_out_m

@@ -249,9 +249,10 @@ def _reshapes_checked(model):
             return  # (N, C, ...) -> (N, C, ...): channel i stays channel i, the identity mapping
         node.dependencies = []
         module, op = _failing_op_of_node(node, model)
-        node.compressor_cut = (f"the reshape {op} after module '{module}' ({before} -> {after}) moves the "
-                               f"channels out of dimension 1, not the flatten with stride "
-                               f"{sorted(mapped)[0]} Torch-Pruning maps it as: these channels cannot be mapped")
+        node.compressor_cut = _shuffle_reason(op, module, before, after) or (
+            f"the reshape {op} after module '{module}' ({before} -> {after}) moves the "
+            f"channels out of dimension 1, not the flatten with stride "
+            f"{sorted(mapped)[0]} Torch-Pruning maps it as: these channels cannot be mapped")
 
     original_concat = index_mapping.update_concat_index_mapping
 
@@ -267,6 +268,24 @@ def _reshapes_checked(model):
     finally:
         index_mapping.update_reshape_index_mapping = original
         index_mapping.update_concat_index_mapping = original_concat
+
+
+def _shuffle_reason(op, module, before, after):
+    """The reason a channel shuffle's channels keep their width, where the reshape is one of the two
+    of a shuffle, (N, C, *S) <-> (N, a, C / a, *S) (ShuffleNet's view, transpose, view), else None. Worked out in the
+    README (coverage): the shuffle interleaves the groups, ShuffleNetV2's next block chunks the
+    result in two, and a slim stream would have to keep equally many channels in both halves of
+    every chunk after every shuffle, through every block of a stage: sets balanced at every scale
+    the shuffles halve, not a window of a width."""
+    flat, split = (before, after) if len(after) > len(before) else (after, before)
+    if len(split) != len(flat) + 1 or split[0] != flat[0] or split[1] * split[2] != flat[1] \
+            or tuple(split[3:]) != tuple(flat[2:]) or min(split[1:3]) < 2:
+        return None
+    return (f"the reshape {op} after module '{module}' ({before} -> {after}) regroups these channels as "
+            f"{split[1]} x {split[2]}, as a channel shuffle does: the shuffle interleaves the groups, and "
+            f"a slim network running the model's own shuffle and chunks would have to keep equally many "
+            f"channels in both halves of every chunk after it, block after block: only special sets of "
+            f"channels do, which a width of this group cannot express; these channels keep their width")
 
 
 def _concat_sizes(node):
@@ -459,8 +478,34 @@ def find_groups(model: nn.Module, graph: tp.DependencyGraph, exclude=()):
                     module=mname, op=ops[-1])
             index[(mname, role)] = table
             members.append(Member(mname, role, kind))
+        if reason is None:
+            size, index, reason = _per_group_slots(model, size, index)
         if reason is not None:
             frozen[gname] = reason
             continue
         groups.append(ChannelGroup(gname, size, tuple(members), index))
     return groups, frozen
+
+
+def _per_group_slots(model, size, index):
+    """(size, index, None), or (.., .., reason) where the group cannot be slimmed. A group through
+    grouped convolutions becomes a group of their channel offsets: its channel j stands for offset j
+    of every convolution group (one index per group in the convs, the channels those carry in the
+    other layers), so any width keeps the same offsets in every group and `groups` stays valid.
+    Choice: the same offsets in every group, not whole groups removed (RegNet and ResNeXt fix the
+    channels per group and vary the number of groups; here a width is the channels per group)."""
+    grouped = [(name, role) for name, role in index
+               if layer_kind(model.get_submodule(name)) == "grouped_conv"]
+    if not grouped:
+        return size, index, None
+    offsets = group_of = None
+    for name, role in grouped:
+        module, table = model.get_submodule(name), index[(name, role)]
+        per = LAYER_KINDS["grouped_conv"].size(module, role) // module.groups
+        if table.shape[1] != 1 or (offsets is not None and not np.array_equal(table[:, 0] % per, offsets)):
+            return size, index, (f"the grouped convolution '{name}' reads these channels in another grouping "
+                                 f"than the other layers of the group: they cannot be kept group-consistently")
+        if offsets is None:
+            offsets, group_of, slots = table[:, 0] % per, table[:, 0] // per, per
+    roots = np.lexsort((group_of, offsets)).reshape(slots, -1)  # row j: the channels at offset j, by group
+    return slots, {key: table[roots].reshape(slots, -1) for key, table in index.items()}, None

@@ -43,10 +43,12 @@ class Cost:
     """A layer's cost in its output and input channel counts `out` and `in`: parameters
     out * in * per_pair + out * per_channel; for a kind with `flops`, FLOPs
     2 * out * in * per_pair * (output elements per channel). `fixed_in` stands for `in` when no
-    width sets it (a depthwise filter reads one channel whatever the width)."""
+    width sets it (a depthwise filter reads one channel whatever the width); `in_groups` divides
+    `in` (a grouped convolution's filter reads the channels of its own group only)."""
     per_pair: int
     per_channel: int
     fixed_in: int | None = None
+    in_groups: int = 1
 
 
 def _kernel_area(module):
@@ -67,6 +69,35 @@ def _cut(module, name, dim, keep):
         setattr(module, name, nn.Parameter(kept, requires_grad=tensor.requires_grad))
     else:
         module._buffers[name] = kept
+
+
+def group_offsets(module, keep, channels):
+    """`keep` (layer indices of a grouped conv's `channels` input or output channels) as a
+    (groups, kept per group) array of offsets inside each group. Analysis gives a grouped conv only
+    group-consistent selections (the same channels of every group, in group order): anything else
+    would change which channels a filter reads, and is an internal error."""
+    groups, per = module.groups, channels // module.groups
+    keep = keep.cpu().numpy()
+    blocks = keep.reshape(groups, -1) if len(keep) % groups == 0 else None
+    if blocks is None or not ((blocks // per) == np.arange(groups)[:, None]).all() or \
+            not (blocks % per == blocks[:1] % per).all():
+        raise ValueError(f"a grouped convolution ({groups} groups) keeps the same channels of every group, "
+                         f"in group order; got {keep.tolist()}")
+    return blocks % per
+
+
+def _select_grouped(module, role, keep):
+    """Keep layer indices `keep` of a grouped conv's output or input channels: its filters of the
+    kept outputs, and of each filter the kept inputs of its group; `groups` stays."""
+    if role == "out":
+        group_offsets(module, keep, module.out_channels)
+        _cut(module, "weight", 0, keep)
+        _cut(module, "bias", 0, keep)
+        module.out_channels = len(keep)
+    else:
+        offsets = group_offsets(module, keep, module.in_channels)[0]
+        _cut(module, "weight", 1, torch.from_numpy(offsets))
+        module.in_channels = len(keep)
 
 
 def _conv_probe(params, cin, cout, batch, shape, groups=None):
@@ -102,6 +133,7 @@ class LayerKind:
     window: str | None = None      # the supernet forward that computes only active channels: "conv", "norm"
     probe_params: Callable | None = None  # module -> what its latency probe needs (hashable)
     probe: Callable | None = None  # (params, cin, cout, batch, shape) -> (module, input) timed alone
+    selector: Callable | None = None  # (module, role, keep): select's own rule, where slicing one dim is not it
 
     def size(self, module, role) -> int:
         """The number of channels of `module` on `role` ("out": outputs or normalised features)."""
@@ -115,6 +147,8 @@ class LayerKind:
     def select(self, module, role, keep):
         """Keep layer indices `keep` (a LongTensor, in that order) of the channels `role` addresses:
         fewer of them slims the layer, all of them in another order permutes it."""
+        if self.selector is not None:
+            return self.selector(module, role, keep)
         if role == "out" or self.in_dim is None:
             tensors, dim, attrs = self.out_tensors, 0, self.resized
         else:
@@ -140,9 +174,10 @@ LAYER_KINDS = {k.name: k for k in (
               window="conv", cost=lambda m: Cost(_kernel_area(m), _has_bias(m), fixed_in=1),
               probe=lambda params, cin, cout, batch, shape: _conv_probe(params, cin, cout, batch, shape, groups=cout),
               **_CONV),
-    # counted and timed, never slimmed: a group touching one is frozen (its groups fix the channels)
-    LayerKind("grouped_conv", in_dim=1, resized=("out_channels",), maskable=False,
-              cost=lambda m: Cost(_kernel_area(m), _has_bias(m), fixed_in=m.in_channels // m.groups),
+    # slimmed group-consistently (analysis makes the width of a group through one the channels per
+    # group, the same offsets kept in every group), so `groups` stays; computed at full width, masked
+    LayerKind("grouped_conv", in_dim=1, resized=("out_channels",), maskable=True, selector=_select_grouped,
+              cost=lambda m: Cost(_kernel_area(m), _has_bias(m), in_groups=m.groups),
               probe=_conv_probe, **_CONV),
     LayerKind("linear", out_size="out_features", in_size="in_features", in_dim=1, out_tensors=("weight", "bias"),
               resized=("out_features",), shape_attrs=("in_features", "out_features"), maskable=True,

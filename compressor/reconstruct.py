@@ -27,6 +27,7 @@ from torch import nn
 from .batches import read_batches
 from .errors import ConfigError
 from .heads import region_layers
+from .layers import group_offsets, kind_of
 from .slim import inactive_indices
 
 log = logging.getLogger("compressor.reconstruct")
@@ -234,6 +235,16 @@ def _match_norm_statistics(stats):
             m.running_var.copy_(new_std ** 2 - m.eps)
 
 
+def _kept_columns(layer, kept_inputs):
+    """The weight columns (dim 1) of `layer` that read its kept input channels `kept_inputs`."""
+    kind = kind_of(layer)
+    if kind.in_dim is None:  # depthwise: the input index is the output's, one column per group
+        return torch.arange(layer.weight.shape[1], device=layer.weight.device)
+    if kind.name == "grouped_conv":  # the same offsets in every group
+        return torch.from_numpy(group_offsets(layer, kept_inputs, layer.in_channels)[0]).to(layer.weight.device)
+    return kept_inputs
+
+
 def write_back(model: nn.Module, small: nn.Module, space, cfg, side: str, names) -> None:
     """Copy the weights of `small`'s layers `names` (reconstruct's result) and of its batch norms
     (whose statistics and affine parameters reconstruct matched) into the channels of `model` that
@@ -250,9 +261,7 @@ def write_back(model: nn.Module, small: nn.Module, space, cfg, side: str, names)
         for name in names:
             target, source = model.get_submodule(name), small.get_submodule(name)
             rows = kept(name, "out", target.weight.shape[0], target.weight.device)
-            # depthwise: the input index is the output's, one column per group
-            cols = kept(name, "in", target.weight.shape[1], target.weight.device) if getattr(target, "groups", 1) == 1 \
-                else torch.arange(target.weight.shape[1], device=target.weight.device)
+            cols = _kept_columns(target, kept(name, "in", kind_of(target).size(target, "in"), target.weight.device))
             target.weight[rows[:, None], cols] = source.weight
             if target.bias is not None:
                 target.bias[rows] = source.bias

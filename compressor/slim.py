@@ -83,14 +83,24 @@ def channel_importance(model: nn.Module, space: WidthSpace, criterion: str = "l1
                 w = w * weight.grad.detach().abs().float()
             elif criterion == "l2":
                 w = w ** 2
-            dim = kind_of(module).weight_dim(role)
-            others = tuple(d for d in range(w.dim()) if d != dim)
-            per_index = (w.sum(others) if others else w).cpu().numpy()  # sum over () would sum everything
+            per_index = per_layer_index(module, role, w).cpu().numpy()
             if criterion != "l2":
                 per_index = per_index / max(per_index.mean(), 1e-12)
             score += per_index[table].sum(1)
         scores.append(score)
     return scores
+
+
+def per_layer_index(module, role, w):
+    """`w` (values of the module's weight, e.g. |weight|) summed per layer index of the module's
+    channels on `role`: (channels,)."""
+    kind = kind_of(module)
+    if role == "in" and kind.name == "grouped_conv":  # index g * per + j: offset j of group g's filters
+        groups = module.groups
+        return w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).sum((1, 3)).flatten()
+    dim = kind.weight_dim(role)
+    others = tuple(d for d in range(w.dim()) if d != dim)
+    return w.sum(others) if others else w  # sum over () would sum everything
 
 
 def _with_gradients(model, data, batches, output_fn=None):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -43,6 +44,14 @@ def auto_divisor(n: int, cap: int = 8) -> int:
     while d * 2 <= cap and n // (d * 2) >= 8:
         d *= 2
     return d
+
+
+def aligned_step(divisor: int, group) -> int:
+    """The width step of `group` that keeps every layer's channel count a multiple of `divisor`: a
+    group channel stands for one channel of each layer or more (one per group of a grouped conv:
+    ResNeXt's 4 channels per group, 32 groups, need no step above 1 to stay multiples of 8)."""
+    carried = min(table.shape[1] for table in group.index.values())
+    return divisor // math.gcd(divisor, carried)
 
 
 def check_side(side: str) -> str:
@@ -126,7 +135,8 @@ class WidthSpace:
         # the groups' sizes in the model before broadening: relative budgets are relative to it
         self.original_sizes = self.sizes.copy() if original_sizes is None else np.asarray(original_sizes, np.int64)
         # width_table[g, c]: channels kept in group g at bin c (column 0 unused)
-        divisors = [auto_divisor(int(n)) if divisor == "auto" else divisor for n in self.original_sizes]
+        divisors = [aligned_step(auto_divisor(int(n)) if divisor == "auto" else divisor, group)
+                    for n, group in zip(self.original_sizes, groups)]
         if binning == "flops":
             if extra_bins:
                 raise ConfigError("binning='flops' and a broadened space (broaden > 1) cannot be combined: "

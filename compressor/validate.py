@@ -268,7 +268,7 @@ def check_latency_options(options):
         raise ConfigError(f"latency_options must be a dict, got {type(options).__name__}")
     set_by_compress = {"model", "space", "target", "progress", "attach", "target_options"}
     valid = {p for p in inspect.signature(build_latency_model).parameters} - set_by_compress
-    valid |= {p for p in inspect.signature(Target).parameters} - {"runtime", "batch", "input_shape"}
+    valid |= {p for p in inspect.signature(Target).parameters} - {"runtime", "input_shape"}
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ConfigError(f"unknown latency_options {unknown}: valid keys are {', '.join(sorted(valid))}")

@@ -224,6 +224,13 @@ def test_broaden_is_an_option_of_every_method_and_is_validated():
         cz.compress(TinyNet(), "latency<=50%@torch-cpu", quadrant_data(64), method="bsnas", progress=False)
 
 
+def test_broadening_refuses_grouped_convolutions_by_name():
+    model = torchvision.models.regnet_x_400mf(num_classes=10).eval()
+    space = cz.analyze(model, torch.randn(1, 3, SIZE, SIZE))
+    with pytest.raises(cz.UnsupportedModelError, match=r"grouped convolutions read or write \(trunk_output.*broaden=1"):
+        broaden(model, space, 1.5)
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"subnets": 0}, "bsnas option subnets must be an integer >= 1, got 0"),
     ({"shrink_at": (0.5, 0.25)}, "bsnas option shrink_at must be increasing fractions"),

@@ -1,6 +1,8 @@
 """The default method, "recon" (compressor/methods/recon.py): reconstruction-scored candidates around
 the better seed configuration, the anchor guard, the supernet's epochs spent fine-tuning, and a
 latency budget measured on the target through compress()'s delivery loop."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -82,13 +84,16 @@ def test_the_anchor_guard_keeps_the_anchor_unless_a_candidate_is_clearly_better(
 
 def test_recon_meets_a_latency_budget_measured_on_the_target(pretrained, tmp_path):
     """A latency budget: the candidates are ranked within the latency model's prediction, and the
-    delivered model is measured on the target (torch-cpu) by compress()'s delivery loop. The limit
+    delivered model is measured on the target (torch-cpu) by compress()'s delivery loop, at the
+    deployment batch latency_options gives (4 images a call; the costs stay per sample). The limit
     is loose (TinyNet's latency is mostly per-layer overhead, and on a loaded machine its smallest
     configuration has measured slower than the original): what is tested is the loop."""
     result = cz.compress(pretrained, "flops<=60%,latency<=50ms@torch-cpu", quadrant_data(128), batch_size=32,
                          supernet_epochs=0.25,
                          finetune_epochs=0.25, bins=8, divisor=1, progress=False,
-                         latency_options=dict(cache_dir=str(tmp_path), points=3, calibration=4))
+                         latency_options=dict(cache_dir=str(tmp_path), points=3, calibration=4, batch=4))
+    cached, = [json.load(open(path))["key"] for path in tmp_path.glob("torch-cpu-*.json")]
+    assert cached["batch"] == 4 and ":b4:" in cached["target"]  # every timing of the run at batch 4
     attempts = result.search["latency_attempts"]
     assert attempts and attempts[0]["measured_us"] > 0
     assert all(a["predicted_us"] <= a["limit_us"] for a in attempts)

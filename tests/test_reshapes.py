@@ -32,17 +32,19 @@ def parity_and_cost(model, space, example, configs):
 def test_channel_shuffle_freezes_the_shuffled_stream_and_slims_the_branches():
     """ShuffleNetV2 (torchvision): before, Torch-Pruning's reshape mapping divided by zero at the
     shuffle's view (analyze refused the model). The shuffled stream between the blocks is frozen:
-    its chunk(2) splits at fixed positions and the shuffle's views move the channels into a groups
-    dimension (a left or right window of the interleaved channels is not a window after the next
-    chunk, so no window of it slims exactly); the branches' inner widths, the stem and conv5 are
-    free and slim with parity and exact cost."""
+    its chunk(2) splits at fixed positions, and analyze names the shuffle's views as a shuffle
+    (with the model's own shuffle and chunks, a slim stream must keep equally many channels in both
+    halves of every chunk after every shuffle: no width of a group expresses such sets); the
+    branches' inner widths, the stem and conv5 are free and slim with parity and exact cost."""
     torch.manual_seed(0)
     model = with_real_statistics(torchvision.models.shufflenet_v2_x0_5(weights=None))
     before = snapshot(model)
     example = torch.randn(1, 3, 64, 64)
     space = cz.analyze(model, example)
     shuffle = [r for r in space.frozen.values() if r.startswith("the reshape ViewBackward0 after module 'stage")]
-    assert shuffle and all("moves the channels out of dimension 1" in r for r in shuffle)
+    assert shuffle and all("as a channel shuffle does" in r and "equally many channels in both halves" in r
+                           for r in shuffle)
+    assert any("regroups these channels as 2 x 96" in r for r in shuffle), shuffle  # stage3's 192 = 2 x 96
     free = {g.name for g in space.groups}
     assert {"conv1.0", "conv5.0"} <= free
     assert sum(name.endswith("branch2.3") for name in free) == 16  # every block's inner width

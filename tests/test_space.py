@@ -94,11 +94,28 @@ def test_min_max_ratio(resnet18):
         space.check((20,) * 12)
 
 
-def test_grouped_convs_are_frozen_with_a_reason():
+def test_grouped_convs_keep_the_same_offsets_of_every_group():
+    """ResNeXt's grouped 3x3 convs (32 groups of 4 channels in layer1): the width of the groups
+    through them is the channels per group, and slimming keeps the same offsets in every group."""
+    torch.manual_seed(0)
     model = torchvision.models.resnext50_32x4d(weights=None).eval()
     space = cz.analyze(model, X)
-    assert any("grouped_conv" in r for r in space.frozen.values())
-    assert len(space) >= 4  # the residual streams stay prunable
+    assert not any("grouped" in r for r in space.frozen.values()), space.frozen
+    conv = model.layer1[0].conv2
+    into, out_of = ([g for g in space.groups if ("layer1.0.conv2", role) in g.index] for role in ("in", "out"))
+    assert [g.size for g in into + out_of] == [4, 4]  # 128 channels = 32 groups x 4
+    cfg = list(space.max())
+    for group, width in ((into[0], 2), (out_of[0], 3)):  # the bins of 2 and 3 channels per group
+        g = space.groups.index(group)
+        cfg[g] = int(np.flatnonzero(space.width_table[g] == width)[0])
+    for side in ("left", "right"):
+        small = cz.slim(model, space, tuple(cfg), side)  # checks it computes what the supernet computes
+        assert cz.measure_flops(small, X) == space.flops(tuple(cfg)) and cz.count_params(small) == space.params(tuple(cfg))
+        slim_conv = small.layer1[0].conv2
+        assert (slim_conv.groups, slim_conv.in_channels, slim_conv.out_channels) == (32, 64, 96)
+        reads, writes = (range(2), range(3)) if side == "left" else (range(2, 4), range(1, 4))
+        rows = [g * 4 + j for g in range(32) for j in writes]
+        assert torch.equal(slim_conv.weight, conv.weight[rows][:, list(reads)])
 
 
 @pytest.mark.parametrize("cfg, message", [

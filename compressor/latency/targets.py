@@ -60,10 +60,12 @@ class Target:
 
 
 def target_for(spec, example_input: torch.Tensor, **options) -> Target:
-    """A Target from a runtime name (or a Target, returned as is) for `example_input`'s shape."""
+    """A Target from a runtime name (or a Target, returned as is) for `example_input`'s shape, at
+    its batch size unless `options` give `batch` (a deployment's batch: latency budgets timed there)."""
     if isinstance(spec, Target):
         return spec
-    return Target(spec, batch=int(example_input.shape[0]), input_shape=tuple(example_input.shape[1:]), **options)
+    options.setdefault("batch", int(example_input.shape[0]))
+    return Target(spec, input_shape=tuple(example_input.shape[1:]), **options)
 
 
 def runtime(target: Target):

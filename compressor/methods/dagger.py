@@ -46,7 +46,7 @@ from ..losses import kd
 from ..progress import Progress
 from ..run_identity import run_identity, weights_hash
 from ..search import Evaluated, SearchResult, constraints, importance_baseline, recalibrate_bn, same_draws, score
-from ..slim import order_channels, slim
+from ..slim import order_channels, per_layer_index, slim
 from ..stopwatch import Stopwatch
 from ..supernet import supernet
 from .base import Fitted, Method, register
@@ -139,11 +139,11 @@ class Gates:
 
 
 # -- the gate network ------------------------------------------------------------------------------
-def _per_index(weight, dim, p):
-    """The L-p norm of each index of `weight` along `dim`, divided by the mean over indices."""
-    w = weight.detach().abs().float()
-    others = tuple(d for d in range(w.dim()) if d != dim)
-    norm = (w ** p).sum(others) ** (1 / p) if others else w
+def _per_index(module, role, p):
+    """The L-p norm of the module's weight per layer index of its channels on `role`, divided by
+    the mean over indices."""
+    w = module.weight.detach().abs().float()
+    norm = per_layer_index(module, role, w ** p) ** (1 / p) if w.dim() > 1 else w
     return (norm / norm.mean().clamp_min(1e-12)).cpu().numpy()
 
 
@@ -166,12 +166,12 @@ def weight_features(model: nn.Module, space) -> tuple:
                 continue
             if kind.name == "bn":
                 scale = weight.detach().abs().float().mean().clamp_min(1e-12)
-                values["bn_scale"].append(_per_index(weight, 0, 1)[table].mean(1))
+                values["bn_scale"].append(_per_index(module, "out", 1)[table].mean(1))
                 values["bn_shift"].append((module.bias.detach().float() / scale).cpu().numpy()[table].mean(1)
                                           if module.bias is not None else np.zeros(group.size))
             else:
                 for p, key in ((1, "l1"), (2, "l2")):
-                    values[key].append(_per_index(weight, kind.weight_dim(role), p)[table].mean(1))
+                    values[key].append(_per_index(module, role, p)[table].mean(1))
         neutral = {"l1": 1.0, "l2": 1.0, "bn_scale": 1.0, "bn_shift": 0.0}
         columns = [np.mean(values[k], axis=0) if values[k] else np.full(group.size, neutral[k]) for k in neutral]
         rows.append(np.stack(columns + [np.linspace(0, 1, group.size)], axis=1))
