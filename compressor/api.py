@@ -564,13 +564,15 @@ def _fit_supernet(ctx: FitContext, trained=None, point=None) -> Fitted:
     reference = copy.deepcopy(ctx.model) if ctx.reconstruct != "none" else None  # the full model, untrained
     if trained is None:
         net, before, records, anchors, steps, sampler = _train(ctx, reference, clock)
-    else:  # a restored supernet has no trained sampler (mctnas: its search starts from the seeds)
-        (net, before, records, anchors), sampler = _restore(ctx, trained), None
-    # what search_trained needs, before the search recalibrates the supernet's BN statistics
+    else:
+        net, before, records, anchors = _restore(ctx, trained)
+        sampler = _restored_sampler(ctx, trained)
+    # what search_trained needs, before the search recalibrates the supernet's BN statistics; the
+    # trained sampler too, where the search reads it (bsnas: the shrunk space, mctnas: the tree)
     kept = None if trained is not None or not ctx.keep_supernet else {
         "supernet": _cloned(net.model), "before": None if before is None else _cloned(before.model),
         "records": [[float(l), list(c), s] for l, c, s in records], "anchors": [list(a) for a in anchors],
-        "steps": steps}
+        "steps": steps, "sampler": None if sampler is None else sampler.state_dict()}
     with clock("search"):
         small, found, attempts = _search_and_slim(ctx, net, before, records, anchors, sampler, point)
     if ctx.reconstruct == "final":
@@ -622,6 +624,16 @@ def _restore(ctx, trained):
     records = [(loss, tuple(cfg), side) for loss, cfg, side in trained["records"]]
     anchors = [tuple(a) for a in trained.get("anchors", ())] if str(ctx.budget) == trained["budget"] else ()
     return net, before, records, anchors
+
+
+def _restored_sampler(ctx, trained):
+    """The trained sampler of a supernet.pt, or None where the file predates keeping it (the search
+    then starts from the seeds, on the whole space)."""
+    if trained.get("sampler") is None:
+        return None
+    sampler = ctx.method.sampler(ctx.space, ctx.seed, ctx.options, None, ctx.sides)
+    sampler.load_state_dict(trained["sampler"])
+    return sampler
 
 
 def _best_seed(ctx, net):

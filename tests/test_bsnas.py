@@ -13,6 +13,7 @@ import torch
 import torchvision
 
 import compressor as cz
+from compressor.api import search_trained
 from compressor.broaden import broaden
 from compressor.finetune import loader
 from compressor.methods import get_method
@@ -194,12 +195,15 @@ def test_the_search_runs_on_the_shrunk_space():
     assert sampler.space.allows(found.cfg)[0] and space.flops(found.cfg) <= found.limits["flops"]
 
 
-def test_compress_with_bsnas_delivers_an_exact_model_from_a_broadened_space():
+def test_compress_with_bsnas_delivers_an_exact_model_from_a_broadened_space(tmp_path):
+    """And supernet.pt keeps the trained sampler: search_trained searches the space shrinking left,
+    not the whole broadened one."""
     torch.manual_seed(0)
     model = TinyNet()
     before = snapshot(model)
     result = cz.compress(model, "flops<=100%", quadrant_data(256), method="bsnas", supernet_epochs=1,
-                         finetune_epochs=0, batch_size=16, bins=8, divisor=1, progress=False)
+                         finetune_epochs=0, batch_size=16, bins=8, divisor=1, progress=False, out_dir=str(tmp_path),
+                         method_options={"shrink_fraction": 0.5})
     assert_unchanged(model, before)
     x = torch.randn(1, 3, 16, 16)
     assert result.method == "bsnas" and result.side == "left" and result.meets_budget()
@@ -207,6 +211,15 @@ def test_compress_with_bsnas_delivers_an_exact_model_from_a_broadened_space():
     assert result.result["params"] == cz.count_params(result.model)
     scored = np.array([e["cfg"] for e in result.search["history"]])
     assert len(scored) and scored.max() > 8  # the search scored widths above the original's (bin 8 of 8)
+    saved = torch.load(tmp_path / "supernet.pt", weights_only=True)
+    off = saved["sampler"]["off"].numpy()
+    assert off.any()  # the training switched widths off
+    torch.manual_seed(0)  # the same model again: measure_flops ran `model` in train mode (its BN statistics moved)
+    again = search_trained(str(tmp_path), TinyNet(), "flops<=80%", quadrant_data(256), batch_size=16, bins=8, divisor=1,
+                           method_options={"shrink_fraction": 0.5}, progress=False)["flops<=80%"]
+    searched = np.array([e["cfg"] for e in again.search["history"]])
+    assert len(searched) and not off[np.arange(off.shape[0]), searched].any()  # no switched-off width scored
+    assert not off[np.arange(off.shape[0]), again.widths].any()
 
 
 def test_broaden_is_an_option_of_every_method_and_is_validated():
