@@ -134,7 +134,7 @@ def compress(model: nn.Module, budget, train_data, val_data=None, *, config: Com
     Everything that can be checked before training is (README: "What compress() checks").
     A latency budget ("latency<=3ms@ort-cpu", "latency<=60%@ort-cpu") builds the latency model of
     the target first (`latency_options`: keyword arguments of compressor.latency.build_latency_model,
-    e.g. cache_dir, points, calibration); the chosen slim model is then measured on the target and,
+    e.g. cache_dir, points, calibration, and batch: the images per timed call, default 1); the chosen slim model is then measured on the target and,
     when it misses, searched again with the limit tightened by measured/limit (at most
     LATENCY_RETRIES times) before LatencyBudgetMissed is raised.
 
@@ -320,6 +320,8 @@ def pareto_front(out_dir, model: nn.Module, train_data, val_data=None, *, metric
                                  latency_options=latency_options, source=source, output_fn=output_fn)
     ctx = run.context
     net = _restore(ctx, saved)[0]
+    sampler = _restored_sampler(ctx, saved)
+    net.space = getattr(sampler, "space", net.space)  # bsnas: the front of the space its training shrank
     found = pareto_search(net, budget, ctx.calibration(), ctx.batched(ctx.held_out), effort=ctx.effort, seed=ctx.seed,
                           calib_batches=ctx.calib_batches, sides=ctx.sides or ctx.method.sides, progress=progress,
                           metric=ctx.score_metric, seeds=ctx.seeds, output_fn=output_fn)

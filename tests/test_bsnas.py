@@ -220,6 +220,11 @@ def test_compress_with_bsnas_delivers_an_exact_model_from_a_broadened_space(tmp_
     searched = np.array([e["cfg"] for e in again.search["history"]])
     assert len(searched) and not off[np.arange(off.shape[0]), searched].any()  # no switched-off width scored
     assert not off[np.arange(off.shape[0]), again.widths].any()
+    torch.manual_seed(0)
+    front = cz.pareto_front(str(tmp_path), TinyNet(), quadrant_data(256), batch_size=16, bins=8, divisor=1,
+                            method_options={"shrink_fraction": 0.5}, effort=0.1, progress=False)
+    fronted = np.array([e.cfg for e in front.history])
+    assert len(fronted) and not off[np.arange(off.shape[0]), fronted].any()
 
 
 def test_broaden_is_an_option_of_every_method_and_is_validated():
