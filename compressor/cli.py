@@ -93,7 +93,8 @@ def cmd_compress(args):
     val = image_folder(val_dir, args.image_size) if val_dir else None
     result = compress(model, args.budget, train, val, config=config, example_input=x, device=args.device,
                       out_dir=args.out, progress=not args.quiet, restart=args.restart,
-                      keep_checkpoints=args.keep_checkpoints)
+                      keep_checkpoints=args.keep_checkpoints,
+                      latency_options=None if args.latency_batch is None else {"batch": args.latency_batch})
     print(json.dumps({k: getattr(result, k) for k in ("widths", "side", "original", "result", "limits", "paths")},
                      indent=1))
 
@@ -252,6 +253,8 @@ def build_parser():
     p.add_argument("--data", required=True, help="an ImageFolder directory, or one with train/ and val/ (or test/)")
     p.add_argument("--budget", required=True, help="e.g. 'flops<=50%%' or 'flops<=50%%,params<=2.5M'")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--latency-batch", type=int, metavar="N",
+                   help="images per timed call of a latency budget, the deployment's batch (default 1)")
     p.add_argument("--method", choices=_MethodNames(), default=CompressConfig.method, metavar="METHOD",
                    help="a registered method: %(choices)s (default: %(default)s)")
     p.add_argument("--method-option", action="append", metavar="KEY=VALUE",

@@ -2,6 +2,8 @@
 the better seed configuration, the anchor guard, the supernet's epochs spent fine-tuning, and a
 latency budget measured on the target through compress()'s delivery loop."""
 import json
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 import compressor as cz
 from compressor.config import CompressConfig
 from compressor.methods import get_method
-from conftest import assert_unchanged, quadrant_data, snapshot
+from conftest import assert_unchanged, quadrant_data, snapshot, tiny_compress_cli
 
 
 def test_recon_is_the_default_and_refuses_bad_options():
@@ -98,3 +100,13 @@ def test_recon_meets_a_latency_budget_measured_on_the_target(pretrained, tmp_pat
     assert attempts and attempts[0]["measured_us"] > 0
     assert all(a["predicted_us"] <= a["limit_us"] for a in attempts)
     assert attempts[-1]["measured_us"] <= result.limits["latency"]
+
+
+def test_cli_latency_batch_times_the_deployment_batch(tmp_path):
+    """`compressor compress --latency-batch 2`: the latency table and checks time 2 images a call."""
+    cli = tiny_compress_cli(tmp_path, "recon", "latency<=100ms@torch-cpu") + ["--latency-batch", "2"]
+    run = subprocess.run(cli, capture_output=True, text=True, env=dict(os.environ, COMPRESSOR_CACHE=str(tmp_path / "cache")))
+    assert run.returncode == 0, run.stderr
+    cached, = [json.load(open(path))["key"] for path in (tmp_path / "cache" / "latency").glob("torch-cpu-*.json")]
+    assert cached["batch"] == 2 and ":b2:" in cached["target"]
+    assert json.loads(run.stdout)["result"]["latency"] <= 100_000
