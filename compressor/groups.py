@@ -501,8 +501,13 @@ def _per_group_slots(model, size, index):
     offsets = group_of = None
     for name, role in grouped:
         module, table = model.get_submodule(name), index[(name, role)]
-        per = LAYER_KINDS["grouped_conv"].size(module, role) // module.groups
-        if table.shape[1] != 1 or (offsets is not None and not np.array_equal(table[:, 0] % per, offsets)):
+        channels = LAYER_KINDS["grouped_conv"].size(module, role)
+        per = channels // module.groups
+        if table.shape[1] != 1 or len(table) != channels:  # e.g. one input of a concat feeding the conv
+            return size, index, (f"these channels are part of the {'inputs' if role == 'in' else 'outputs'} of the "
+                                 f"grouped convolution '{name}': only a group that holds all of them can keep the "
+                                 f"same channels in every conv group")
+        if offsets is not None and not np.array_equal(table[:, 0] % per, offsets):
             return size, index, (f"the grouped convolution '{name}' reads these channels in another grouping "
                                  f"than the other layers of the group: they cannot be kept group-consistently")
         if offsets is None:

@@ -169,3 +169,29 @@ def test_auto_divisor_keeps_narrow_groups_choosable():
     for cfg in (space.min(), space.uniform(0.5), space.max()):   # the cost model follows the table
         small = cz.slim(model, space, cfg, "left")
         assert cz.measure_flops(small, torch.randn(1, 3, 16, 16)) == space.flops(cfg)
+
+
+class _ConcatIntoGroupedConv(nn.Module):
+    """Two convs concatenated (6 + 10 channels) into a conv of 4 groups of 4: the concat's pieces
+    straddle the conv groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 10, 3, padding=1)
+        self.g, self.bn, self.head = nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.g(torch.cat([self.a(x), self.b(x)], 1))))).mean((2, 3))
+
+
+def test_a_group_holding_part_of_a_grouped_convs_channels_stays_fixed_with_the_reason():
+    torch.manual_seed(0)
+    model = _ConcatIntoGroupedConv().eval()
+    x = torch.randn(1, 3, 16, 16)
+    space = cz.analyze(model, x, divisor=1)
+    assert "part of the inputs of the grouped convolution 'g'" in space.frozen["a"]
+    assert "part of the inputs of the grouped convolution 'g'" in space.frozen["b"]
+    assert [(g.name, g.size) for g in space.groups] == [("g", 4)]  # its outputs: 4 offsets of 4 groups
+    for seed in range(3):
+        cfg = space.random(seed=seed)
+        assert cz.measure_flops(cz.slim(model, space, cfg, "right"), x) == space.flops(cfg)
