@@ -28,6 +28,7 @@ from .batches import read_batches
 from .errors import ConfigError
 from .heads import region_layers
 from .layers import group_offsets, kind_of
+from .modes import hooked_forward
 from .slim import inactive_indices
 
 log = logging.getLogger("compressor.reconstruct")
@@ -75,23 +76,6 @@ def _patches(conv, value, at):
     images = torch.arange(len(value), device=at.device)[:, None, None, None]
     patches = padded[images, :, rows[..., :, None], cols[..., None, :]]  # (n, p, kh, kw, c)
     return patches.permute(0, 1, 4, 2, 3).reshape(-1, value.shape[1] * kh * kw)
-
-
-def _hooked_forward(model, images, register):
-    """One forward of `images` without gradients, in eval mode, with the hooks `register()` returns
-    (removed afterwards; the modules' modes restored)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    handles = []
-    try:
-        handles = register()
-        with torch.no_grad():
-            model(images)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.training = mode
 
 
 # float32 sums of ~10^4 rows are off by ~10^-6 of their size: a ridge of 10^-5 or more outweighs that
@@ -153,7 +137,7 @@ class Targets:
                 self.rows[name] = _rows(module, output, index, positions, "out")
             return hook
 
-        _hooked_forward(full, self.images, lambda: [full.get_submodule(name).register_forward_hook(record(i, name))
+        hooked_forward(full, self.images, lambda: [full.get_submodule(name).register_forward_hook(record(i, name))
                                                     for i, name in enumerate(self.names)])
         for name, count in calls.items():
             if count != 1:  # a module run twice per forward (shared) has no single target
@@ -193,7 +177,7 @@ def reconstruct(small: nn.Module, full: nn.Module, space, cfg, side: str, data, 
     # the batch norms' inputs are recorded in the same forward: each runs after the layers before it
     # were fitted, so it sees what a second forward would show it (matching leaves eval mode as is)
     inputs = {}
-    _hooked_forward(small, targets.images, lambda: [
+    hooked_forward(small, targets.images, lambda: [
         small.get_submodule(name).register_forward_pre_hook(fit(i, name))
         for i, name in enumerate(targets.names) if name in targets.rows] + _record_norm_inputs(small, inputs))
     _match_norm_statistics(inputs)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .modes import hooked_forward
 
 
 @dataclass(frozen=True)
@@ -99,18 +100,8 @@ def _calls(model, example):
     """[(module name, output)] of one eval-mode forward pass of `example`, in the order the calls
     finished (a module's own output after those of the modules inside it)."""
     calls = []
-    handles = [m.register_forward_hook(lambda m, i, o, n=n: calls.append((n, o)))
-               for n, m in model.named_modules() if n]
-    modes = [m.training for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example.to(next(model.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in zip(model.modules(), modes):
-            m.training = mode
+    hooked_forward(model, example.to(next(model.parameters()).device), lambda: [
+        m.register_forward_hook(lambda m, i, o, n=n: calls.append((n, o))) for n, m in model.named_modules() if n])
     return calls
 
 

@@ -34,6 +34,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from .batches import read_batches
 from .errors import ConfigError
+from .modes import eval_mode
 
 IGNORE = 255  # the mask value torchvision's segmentation references ignore (object borders)
 
@@ -80,14 +81,9 @@ class Task:
     def sample_scores(self, model: nn.Module, batches, device=None) -> torch.Tensor:
         """Per-sample scores (float64, CPU) over `batches`, in order (eval mode; modes restored)."""
         device = device or next(model.parameters()).device
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
+        with eval_mode(model):
             values = [self.samples(model, move(batch, device)).detach().double().cpu().flatten()
                       for batch in read_batches(batches, f"scoring ({self.name})")]
-        finally:
-            for m, mode in modes:
-                m.training = mode
         return torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
 
 

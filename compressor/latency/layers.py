@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..layers import LAYER_KINDS, kind_of
+from ..modes import hooked_forward
 
 FIXED = -1  # group index of a dimension no group controls
 
@@ -71,26 +71,17 @@ def find_layers(model: nn.Module, space) -> list:
     for g, group in enumerate(space.groups):
         for key, table in group.index.items():
             coverage.setdefault(key, []).append((g, table.shape[1]))
-    shapes, handles = {}, []
+    shapes = {}
 
     def record(name, kind):
         def hook(module, inputs, output):
             shapes.setdefault(name, kind.sample_shape(inputs[0]))
         return hook
 
-    for name, module in model.named_modules():
-        kind = kind_of(module)
-        if kind is not None and kind.probe is not None:
-            handles.append(module.register_forward_hook(record(name, kind)))
-    modes = [m.training for m in model.modules()]
-    try:
-        with torch.no_grad():  # eval mode: BN running statistics must not move
-            model.eval()(space.example_input.to(next(model.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in zip(model.modules(), modes):
-            m.training = mode
+    # eval mode: BN running statistics must not move
+    hooked_forward(model, space.example_input.to(next(model.parameters()).device), lambda: [
+        module.register_forward_hook(record(name, kind_of(module))) for name, module in model.named_modules()
+        if kind_of(module) is not None and kind_of(module).probe is not None])
     layers = []
     for name, module in model.named_modules():
         if name not in shapes:
