@@ -70,6 +70,11 @@ def broaden(model: nn.Module, space: WidthSpace, ratio: float = 1.5, seed: int =
         raise UnsupportedModelError(
             f"broaden cannot widen channels that grouped convolutions read or write ({', '.join(grouped[:3])}"
             f"{', ...' if len(grouped) > 3 else ''}): use broaden=1 (the original widths)")
+    streams = [group.name for group in space.groups if group.stream is not None]
+    if streams:  # a wider stream would change where its shuffles send each channel
+        raise UnsupportedModelError(
+            f"broaden cannot widen a shuffled stream ({', '.join(streams[:3])}{', ...' if len(streams) > 3 else ''}): "
+            f"its channels' paths through the shuffles depend on its width; use broaden=1 (the original widths)")
     adds = [kept_channels(extra, int(n), space.bins, auto_divisor(int(n)) if space.divisor == "auto" else space.divisor)
             for n in space.sizes]
     wide = copy.deepcopy(model)

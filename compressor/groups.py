@@ -52,6 +52,8 @@ class ChannelGroup:
     # layer index table per (module, role): int array (size, multiplicity); row j lists the
     # layer's indices that carry channel j of the group (several when a flatten feeds a linear).
     index: dict = field(default_factory=dict, repr=False)
+    # a shuffled stream's admissible widths and slim orders (compressor.shuffle.Stream), else None
+    stream: object = field(default=None, repr=False)
 
     def __repr__(self):
         return f"ChannelGroup({self.name!r}, size={self.size}, members={len(self.members)})"
@@ -270,22 +272,24 @@ def _reshapes_checked(model):
         index_mapping.update_concat_index_mapping = original_concat
 
 
+SHUFFLE_MARK = "as a channel shuffle does"
+
+
 def _shuffle_reason(op, module, before, after):
     """The reason a channel shuffle's channels keep their width, where the reshape is one of the two
-    of a shuffle, (N, C, *S) <-> (N, a, C / a, *S) (ShuffleNet's view, transpose, view), else None. Worked out in the
-    README (coverage): the shuffle interleaves the groups, ShuffleNetV2's next block chunks the
-    result in two, and a slim stream would have to keep equally many channels in both halves of
-    every chunk after every shuffle, through every block of a stage: sets balanced at every scale
-    the shuffles halve, not a window of a width."""
+    of a shuffle, (N, C, *S) <-> (N, a, C / a, *S) (ShuffleNet's view, transpose, view), else None.
+    analyze then tries compressor.shuffle on the groups frozen with it (SHUFFLE_MARK), and the
+    reason stays only where that finds no mapping."""
     flat, split = (before, after) if len(after) > len(before) else (after, before)
     if len(split) != len(flat) + 1 or split[0] != flat[0] or split[1] * split[2] != flat[1] \
             or tuple(split[3:]) != tuple(flat[2:]) or min(split[1:3]) < 2:
         return None
     return (f"the reshape {op} after module '{module}' ({before} -> {after}) regroups these channels as "
-            f"{split[1]} x {split[2]}, as a channel shuffle does: the shuffle interleaves the groups, and "
-            f"a slim network running the model's own shuffle and chunks would have to keep equally many "
-            f"channels in both halves of every chunk after it, block after block: only special sets of "
-            f"channels do, which a width of this group cannot express; these channels keep their width")
+            f"{split[1]} x {split[2]}, {SHUFFLE_MARK}: the shuffle interleaves the groups, and "
+            f"a slim network running the model's own shuffle and chunks keeps the same function only with "
+            f"channel sets that send every channel to the same layers; compressor.shuffle maps the streams "
+            f"of concatenations, chunks and shuffles between convolutions (ShuffleNetV2), and found no "
+            f"such mapping for these channels, so they keep their width")
 
 
 def _concat_sizes(node):

@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .heads import region_layers
 from .layers import group_offsets, kind_of
 from .modes import hooked_forward
-from .slim import inactive_indices
+from .slim import kept_indices
 
 log = logging.getLogger("compressor.reconstruct")
 
@@ -153,13 +153,11 @@ def reconstruct(small: nn.Module, full: nn.Module, space, cfg, side: str, data, 
     `positions` are its). Returns the names of the layers refitted. `small` runs in eval mode; its
     modes are restored."""
     targets = targets or Targets(full, data, batches=batches, positions=positions)
-    drop = inactive_indices(space, cfg, side)
+    keeps = kept_indices(space, full, cfg, side)
     fitted = []
 
     def fit(index, name):
-        removed = drop.get((name, "out"))
-        kept = slice(None) if removed is None else torch.from_numpy(
-            np.setdiff1d(np.arange(targets.full.get_submodule(name).weight.shape[0]), removed))
+        kept = torch.from_numpy(keeps[(name, "out")]) if (name, "out") in keeps else slice(None)
 
         def hook(module, inputs):
             x = _rows(module, inputs[0], index, targets.positions, "in")
@@ -234,11 +232,10 @@ def write_back(model: nn.Module, small: nn.Module, space, cfg, side: str, names)
     (whose statistics and affine parameters reconstruct matched) into the channels of `model` that
     slim(model, space, cfg, side) kept, so that a supernet over `model` starts from the
     reconstructed network at that configuration (its other channels keep their weights)."""
-    drop = inactive_indices(space, cfg, side)
+    keeps = kept_indices(space, model, cfg, side)
 
     def kept(name, role, size, device):
-        removed = drop.get((name, role), np.array([], dtype=np.int64))
-        return torch.from_numpy(np.setdiff1d(np.arange(size), removed)).to(device)
+        return torch.from_numpy(keeps[(name, role)] if (name, role) in keeps else np.arange(size)).to(device)
 
     norms = [name for name, m in small.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():

@@ -47,9 +47,22 @@ def inactive_indices(space: WidthSpace, cfg, side) -> dict:
     return {key: np.unique(np.concatenate(parts)) for key, parts in drop.items()}
 
 
-def _remove(module, role, drop):
-    kind = kind_of(module)
-    kind.select(module, role, torch.from_numpy(np.setdiff1d(np.arange(kind.size(module, role)), drop)))
+def kept_indices(space: WidthSpace, model: nn.Module, cfg, side) -> dict:
+    """{(module name, role): the layer indices the slim layer keeps, in its order} for every layer
+    that loses channels for configuration `cfg` on `side`: ascending, except in a shuffled stream,
+    whose slim network wants its channels in the order of its own wiring (compressor.shuffle)."""
+    arranged = {}
+    for group, k in zip(space.groups, space.channels(cfg)):
+        if group.stream is not None and k < group.size:
+            arranged.update(group.stream.arrangements[k])
+    kept = {}
+    for key, drop in inactive_indices(space, cfg, side).items():
+        if key in arranged:
+            kept[key] = arranged[key]
+        else:
+            module = model.get_submodule(key[0])
+            kept[key] = np.setdiff1d(np.arange(kind_of(module).size(module, key[1])), drop)
+    return kept
 
 
 IMPORTANCE = ("l1", "l2", "taylor")
@@ -137,6 +150,8 @@ def order_channels(model: nn.Module, space: WidthSpace, layout: str = "left", im
     ordered = copy.deepcopy(model)
     orders = {}  # (module, role): new layer index -> old layer index
     for group, score in zip(space.groups, importance or channel_importance(model, space)):
+        if group.stream is not None:
+            continue  # a shuffled stream's rows follow its wiring; its producers ranked their channels already
         perm = np.argsort(-score, kind="stable")  # position -> group channel, for layout "left"
         if layout == "both-ends":
             n = group.size
@@ -167,8 +182,9 @@ def slim(model: nn.Module, space: WidthSpace, cfg, side: str = "left", check: bo
     cfg = space.check(cfg)
     check_side(side)
     small = copy.deepcopy(model)
-    for (name, role), drop in inactive_indices(space, cfg, side).items():
-        _remove(small.get_submodule(name), role, drop)
+    for (name, role), keep in kept_indices(space, model, cfg, side).items():
+        module = small.get_submodule(name)
+        kind_of(module).select(module, role, torch.from_numpy(keep))
     small.compressor_info = {"widths": list(cfg), "side": side, "channels": space.channels(cfg),
                              "source": space.source}
     if check:

@@ -12,7 +12,8 @@ from torch import nn
 from .cost import CostModel
 from .errors import ConfigError, UnsupportedModelError
 from .heads import check_supported
-from .groups import build_graph, find_groups, graph_time_limit, run_checked
+from .groups import SHUFFLE_MARK, build_graph, find_groups, graph_time_limit, run_checked
+from .shuffle import shuffled_streams
 from .placement import is_placement, kept as placement_kept, parse as parse_placement
 
 SIDES = ("left", "right")
@@ -52,6 +53,18 @@ def aligned_step(divisor: int, group) -> int:
     ResNeXt's 4 channels per group, 32 groups, need no step above 1 to stay multiples of 8)."""
     carried = min(table.shape[1] for table in group.index.values())
     return divisor // math.gcd(divisor, carried)
+
+
+def _stream_widths(width_table, groups) -> np.ndarray:
+    """The width table with each shuffled stream's widths moved down to the nearest width its
+    wiring admits (compressor.shuffle; at least its narrowest)."""
+    table = width_table.copy()
+    for g, group in enumerate(groups):
+        if group.stream is not None:
+            admitted = group.stream.widths
+            at = np.searchsorted(admitted, table[g, 1:], side="right") - 1
+            table[g, 1:] = admitted[np.maximum(at, 0)]
+    return table
 
 
 def check_side(side: str) -> str:
@@ -146,6 +159,7 @@ class WidthSpace:
             self.width_table = np.array(
                 [[0] + broadened_widths(int(n), bins, extra_bins, d) for n, d in zip(self.original_sizes, divisors)],
                 dtype=np.int64).reshape(len(groups), self.bins + 1)
+        self.width_table = _stream_widths(self.width_table, groups)
         if not np.array_equal(self.width_table[:, -1], self.sizes):
             raise ConfigError(f"the groups' sizes {self.sizes.tolist()} are not the widest bins "
                               f"{self.width_table[:, -1].tolist()}: a broadened space needs cz.broaden's model")
@@ -317,10 +331,13 @@ class WidthSpace:
         check_side(side)
         widths = self.channels(cfg)
         if side in SIDES:
-            return [np.arange(k) if side == "left" else np.arange(int(n) - k, int(n))
+            kept = [np.arange(k) if side == "left" else np.arange(int(n) - k, int(n))
                     for n, k in zip(self.sizes, widths)]
-        return [placement_kept(int(n), k, free, g.name)
-                for n, k, free, g in zip(self.sizes, widths, parse_placement(side, len(self.groups)), self.groups)]
+        else:
+            kept = [placement_kept(int(n), k, free, g.name)
+                    for n, k, free, g in zip(self.sizes, widths, parse_placement(side, len(self.groups)), self.groups)]
+        # a shuffled stream is one-sided: any other channels than its left window break its wiring
+        return [np.arange(k) if g.stream is not None else p for p, k, g in zip(kept, widths, self.groups)]
 
     # -- cost ----------------------------------------------------------------------------
     def _widths(self, cfg):
@@ -451,6 +468,11 @@ def analyze(model: nn.Module, example_input: torch.Tensor, bins: int = 20, divis
     with graph_time_limit(time_limit, work):
         graph = _traced(work, example_input)
         groups, frozen = find_groups(work, graph, exclude)
+    streams, solved = shuffled_streams(work, example_input, groups, frozen,
+                                       lambda n: auto_divisor(n) if divisor == "auto" else divisor,
+                                       lambda reason: SHUFFLE_MARK in reason)
+    groups = groups + streams
+    frozen = {name: reason for name, reason in frozen.items() if name not in solved}
     if not groups:
         reasons = "; ".join(f"{n}: {r}" for n, r in list(frozen.items())[:5])
         raise UnsupportedModelError(

@@ -37,6 +37,7 @@ def placements_of(space, cfg, options: CafeNetOptions, generator) -> list:
     window first (choice: the placement every other method's left path trains is always a
     candidate), then random ones drawn from `generator`."""
     counts = free_counts(space.sizes, space.bins, options.free)
+    counts[[group.stream is not None for group in space.groups]] = 0  # a shuffled stream keeps its left window
     widths = space.channels(cfg)
     found = ["left"]
     for _ in range(4 * options.placements):  # a bounded number of draws: small zones repeat
