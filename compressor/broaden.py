@@ -70,6 +70,11 @@ def broaden(model: nn.Module, space: WidthSpace, ratio: float = 1.5, seed: int =
         raise UnsupportedModelError(
             f"broaden cannot widen channels that grouped convolutions read or write ({', '.join(grouped[:3])}"
             f"{', ...' if len(grouped) > 3 else ''}): use broaden=1 (the original widths)")
+    normed = sorted({m.module for group in space.groups for m in group.members if m.kind in ("grn", "grn_last")})
+    if normed:  # GRN divides by the mean over its channels: new channels would change it
+        raise UnsupportedModelError(
+            f"broaden cannot widen channels a GlobalResponseNorm normalises ({', '.join(normed[:3])}"
+            f"{', ...' if len(normed) > 3 else ''}): their mean over the channels would change; use broaden=1")
     streams = [group.name for group in space.groups if group.stream is not None]
     if streams:  # a wider stream would change where its shuffles send each channel
         raise UnsupportedModelError(

@@ -22,7 +22,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .errors import ConfigError, UnsupportedModelError
 from .heads import raw_outputs
-from .layers import LAYER_KINDS, frozen_bn_size, layer_kind
+from .layers import LAYER_KINDS, frozen_bn_size, is_grn, layer_kind
 
 _PASS_THROUGH_OPS = {
     tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE,
@@ -184,7 +184,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, train_mode: bool 
         with torch.enable_grad(), _reshapes_checked(model):
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, forward_fn=forward,
                                                           verbose=False,
-                                                          customized_pruners={FrozenBatchNorm2d: _FrozenNorm()})
+                                                          customized_pruners=_per_channel_pruners(model))
     except Exception as e:
         raise _unsupported(model, e, lambda module, op: (
             f"Torch-Pruning cannot map channels through the op {op} after module '{module}' "
@@ -194,13 +194,14 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, train_mode: bool 
     return graph
 
 
-class _FrozenNorm(tp.pruner.function.BasePruningFunc):
-    """Torch-Pruning's view of torchvision's FrozenBatchNorm2d: batch norm's (one channel index in
+class _PerChannel(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning's view of a layer with one parameter set per channel that it does not know
+    (torchvision's FrozenBatchNorm2d, timm's GlobalResponseNorm): batch norm's (one channel index in
     and out), so that the channels through it form one group; slimming is layers.py's."""
 
     def prune_out_channels(self, layer, idxs):
         keep = torch.from_numpy(np.setdiff1d(np.arange(frozen_bn_size(layer)), idxs))
-        LAYER_KINDS["frozen_bn"].select(layer, "out", keep)
+        LAYER_KINDS[layer_kind(layer)].select(layer, "out", keep)
         return layer
 
     prune_in_channels = prune_out_channels
@@ -209,6 +210,13 @@ class _FrozenNorm(tp.pruner.function.BasePruningFunc):
         return frozen_bn_size(layer)
 
     get_in_channels = get_out_channels
+
+
+def _per_channel_pruners(model):
+    """{class: _PerChannel()} for FrozenBatchNorm2d and the GlobalResponseNorm classes in `model`."""
+    pruners = {FrozenBatchNorm2d: _PerChannel()}
+    pruners.update({type(m): _PerChannel() for m in model.modules() if is_grn(m)})
+    return pruners
 
 
 @contextlib.contextmanager

@@ -35,7 +35,16 @@ def layer_kind(module: nn.Module) -> str:
         return "bn"
     if isinstance(module, FrozenBatchNorm2d):
         return "frozen_bn"
+    if is_grn(module):
+        return "grn" if module.channel_dim == 1 else "grn_last"
     return type(module).__name__
+
+
+def is_grn(module: nn.Module) -> bool:
+    """timm's GlobalResponseNorm (ConvNeXt-V2), recognised without importing timm."""
+    cls = type(module)
+    return cls.__name__ == "GlobalResponseNorm" and cls.__module__.startswith("timm.") and \
+        getattr(module, "channel_dim", None) in (1, -1)
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,19 @@ def _select_grouped(module, role, keep):
         offsets = group_offsets(module, keep, module.in_channels)[0]
         _cut(module, "weight", 1, torch.from_numpy(offsets))
         module.in_channels = len(keep)
+
+
+def _select_grn(module, role, keep):
+    """Keep channels `keep` of a GlobalResponseNorm, its scale multiplied by n / len(keep): GRN
+    divides each channel's spatial L2 norm by their mean over the channels, and the masked supernet
+    takes that mean over all n channels (the removed ones are zeros), the slim layer over the kept
+    ones; the factor makes them equal (up to eps = 1e-6 in the denominator). A permutation keeps
+    the scale."""
+    n = module.weight.shape[0]
+    _cut(module, "weight", 0, keep)
+    _cut(module, "bias", 0, keep)
+    with torch.no_grad():
+        module.weight.mul_(n / len(keep))
 
 
 def _conv_probe(params, cin, cout, batch, shape, groups=None):
@@ -193,6 +215,12 @@ LAYER_KINDS = {k.name: k for k in (
     LayerKind("frozen_bn", out_size=frozen_bn_size, in_size=frozen_bn_size, in_dim=None,
               out_tensors=("weight", "bias", "running_mean", "running_var"), resized=(), shape_attrs=(),
               maskable=True, cost=lambda m: Cost(0, 0, fixed_in=0), flops=False),
+    # timm's GlobalResponseNorm (ConvNeXt-V2's MLP), channels first or last: a scale and a shift per
+    # channel, free in FLOPs (FlopCounterMode counts no norm); masked in the supernet, and slimmed
+    # with its scale rescaled (_select_grn)
+    *(LayerKind(name, out_size=frozen_bn_size, in_size=frozen_bn_size, in_dim=None, out_tensors=("weight", "bias"),
+                resized=(), shape_attrs=(), maskable=True, cost=lambda m: Cost(0, 2, fixed_in=0), flops=False,
+                channel_dim=dim, selector=_select_grn) for name, dim in (("grn", 1), ("grn_last", -1))),
 )}
 
 

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import compressor as cz
+from compressor.broaden import broaden
+from compressor.errors import UnsupportedModelError
 from conftest import assert_unchanged, snapshot, with_real_statistics
 from models import TIMM_CI_SUBSET, build_timm
 
@@ -119,6 +121,38 @@ def test_cost_counts_linears_on_folded_batches():
         small = cz.slim(model, space, cfg, "left", check=False)
         assert cz.measure_flops(small, example) == space.flops(cfg), seed
         assert cz.count_params(small) == space.params(cfg)
+
+
+@pytest.mark.parametrize("conv_mlp", [True, False])
+def test_convnext_v2_slims_its_mlp_through_global_response_norm(conv_mlp):
+    """ConvNeXt-V2's MLP hidden width passes through GlobalResponseNorm, which divides each
+    channel's spatial L2 norm by their mean over the channels (before: the analysis froze every group,
+    nothing to slim). Its channels (first or last, conv or linear MLP) are now free: the slim GRN's
+    scale is multiplied by n / kept so that it equals the masked supernet (whose mean counts the
+    removed channels as zeros). Parity with non-zero GRN parameters, exact cost; broadening refused."""
+    torch.manual_seed(0)
+    model = with_real_statistics(build_timm("convnextv2_atto", num_classes=10, conv_mlp=conv_mlp), size=SIZE).eval()
+    with torch.no_grad():  # timm initialises GRN's scale and shift to zero, where it is the identity
+        for module in model.modules():
+            if type(module).__name__ == "GlobalResponseNorm":
+                module.weight.normal_(0, 0.5)
+                module.bias.normal_(0, 0.1)
+    before = snapshot(model)
+    example = torch.randn(1, 3, SIZE, SIZE)
+    space = cz.analyze(model, example)
+    assert len(space) == 12 and all(g.name.endswith("mlp.fc1") for g in space.groups)
+    assert {m.kind for g in space.groups for m in g.members} >= {"grn" if conv_mlp else "grn_last"}
+    for side in ("left", "right"):
+        assert_two_configurations_slim(model, space, example, side)
+    cfg = list(space.max())
+    cfg[0] = space.levels(0)[0]
+    small = cz.slim(model, space, cfg, "left")
+    grn, full = small.stages[0].blocks[0].mlp.grn, model.stages[0].blocks[0].mlp.grn
+    kept = space.channels(cfg)[0]
+    assert torch.allclose(grn.weight, full.weight[:kept] * 160 / kept)
+    with pytest.raises(UnsupportedModelError, match="GlobalResponseNorm"):
+        broaden(model, space, 1.5)
+    assert_unchanged(model, before)
 
 
 def test_slim_names_the_module_a_slim_model_fails_in():
