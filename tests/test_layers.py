@@ -9,15 +9,24 @@ import compressor as cz
 from compressor.latency.layers import find_layers, widths
 from compressor.layers import LAYER_KINDS, kind_of, layer_kind
 from conftest import with_real_statistics
-from models import build, input_size
+from models import build, build_timm, input_size
 
 # conv, bn and linear in all; depthwise convs in mobilenet_v2, grouped ones in regnet_x_400mf,
-# torchvision's FrozenBatchNorm2d (its detectors' pretrained backbones) in resnet18-frozen-bn
+# torchvision's FrozenBatchNorm2d (its detectors' pretrained backbones) in resnet18-frozen-bn,
+# timm's GlobalResponseNorm channels first (conv MLP) and last (linear MLP) in ConvNeXt-V2
 FROZEN_BN = "resnet18-frozen-bn"
-MODELS = ["mobilenet_v2", "regnet_x_400mf", FROZEN_BN]
+GRN = {"convnextv2-conv-mlp": True, "convnextv2-linear-mlp": False}
+MODELS = ["mobilenet_v2", "regnet_x_400mf", FROZEN_BN, *GRN]
 
 
 def build_model(name):
+    if name in GRN:
+        model = build_timm("convnextv2_atto", conv_mlp=GRN[name])
+        with torch.no_grad():  # timm starts GRN at zero scale and shift, where it is the identity
+            for m in model.modules():
+                if layer_kind(m) in ("grn", "grn_last"):
+                    m.weight.normal_(0, 0.5), m.bias.normal_(0, 0.1)
+        return model
     if name != FROZEN_BN:
         return build(name)
     model = build("resnet18", norm_layer=FrozenBatchNorm2d)
@@ -62,8 +71,14 @@ def test_every_kind_slims_and_costs_what_is_measured(analysed):
             assert module.weight.shape[kind.in_dim] * getattr(module, "groups", 1) == sizes[1], name
         if sizes != (kind.size(original[name], "out"), kind.size(original[name], "in")):
             changed.add(kind.name)
-    # every kind that a width group may touch was slimmed somewhere; the others never
-    assert changed == {k for k in present if LAYER_KINDS[k].maskable}
+    # every kind that a width group may touch was slimmed somewhere; the others never. ConvNeXt-V2
+    # slims only its MLP (conv or linear, GRN): its depthwise convs and classifier keep the residual
+    # stream's width, which its LayerNorms fix
+    maskable = {k for k in present if LAYER_KINDS[k].maskable}
+    if any(k.startswith("grn") for k in present):
+        assert changed & {"grn", "grn_last"} and changed <= maskable
+    else:
+        assert changed == maskable
 
 
 def test_every_timed_kind_probes_the_widths_asked_for(analysed):
