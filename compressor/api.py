@@ -32,7 +32,7 @@ from .heads import data_dependent_cost
 from .latency import build_latency_model, runtime
 from . import outputs, pareto
 from . import trained as supernets
-from .methods import FitContext, Fitted, get_method
+from .methods import METHODS, FitContext, Fitted, get_method
 from .models import name_architecture, unwrap
 from .reparam import finetune_repnas
 from .run_identity import weights_hash
@@ -182,7 +182,8 @@ def _compress(model, budget, train_data, val_data, cfg, *, example_input, device
     if fitted.supernet is not None:  # kept for search_trained: the run's identity, space, config, latency tables
         trained = supernets.bundle(method=ctx.method.name, method_options=dataclasses.asdict(ctx.options), cfg=cfg,
                                    identity=supernets.identity(model, train_data), space=ctx.space, budget=ctx.budget,
-                                   window=None if ctx.window is None else ctx.window.label, kept=fitted.supernet)
+                                   window=None if ctx.window is None else ctx.window.label,
+                                   kept=dict(fitted.supernet, task=ctx.task.name if ctx.task is not None else None))
     return _deliver(run, ctx, cfg, fitted, clock, out_dir, progress, output_fn, keep_checkpoints, trained,
                     supernet=None if fitted.supernet is None else {"trained": True, "steps": fitted.supernet["steps"]})
 
@@ -287,6 +288,9 @@ def _prepare_trained(saved, path, cfg, model, budgets, folders, train_data, val_
     """(one _Run per budget, the clock): the identity checks (before any expensive work), the
     trained run's latency measurements restored, the prepare stage, and the width space checked."""
     model = unwrap(model)
+    if saved.get("task") is not None:
+        raise ConfigError(f"{path} was trained with task {saved['task']!r}; search_trained and pareto_front score "
+                          f"with classification only: run compress(..., task={saved['task']!r}) for each budget")
     supernets.check_identity(saved, model, train_data, path)
     supernets.restore_latency_caches(saved, prepare["latency_options"])
     clock = Stopwatch()
@@ -324,7 +328,7 @@ def pareto_front(out_dir, model: nn.Module, train_data, val_data=None, *, metric
     net.space = getattr(sampler, "space", net.space)  # bsnas: the front of the space its training shrank
     found = pareto_search(net, budget, ctx.calibration(), ctx.batched(ctx.held_out), effort=ctx.effort, seed=ctx.seed,
                           calib_batches=ctx.calib_batches, sides=ctx.sides or ctx.method.sides, progress=progress,
-                          metric=ctx.score_metric, seeds=ctx.seeds, output_fn=output_fn)
+                          metric=ctx.score_metric, seeds=ctx.seeds, output_fn=output_fn, task=ctx.task)
     found.paths = pareto.write(out_dir, found, path, budget, target)
     return found
 
@@ -446,7 +450,7 @@ def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input,
     shared = FitContext(
         model=work, unordered=unordered, space=space, train_data=fit_data, held_out=held_out, budget=None,
         method=spec,
-        options=options, teacher=original if cfg.distill else None, epochs=cfg.supernet_epochs,
+        options=options, teacher=original if cfg.distill and task is None else None, epochs=cfg.supernet_epochs,
         batch_size=batches.batch_size,
         lr=cfg.lr, effort=cfg.effort, calib_batches=cfg.calib_batches, conv_impl=cfg.conv_impl, seed=cfg.seed,
         progress=progress, score_metric=cfg.score_metric, inherit=cfg.inherit, sides=cfg.sides, restart=restart,
@@ -495,8 +499,8 @@ def _check_task_config(task, cfg, spec, model, budgets):
     if varies and costs:
         raise ConfigError(f"a {' and '.join(costs)} budget cannot be met exactly on {type(model).__name__}: {varies}; "
                           "give a parameter budget (e.g. 'params<=50%')")
-    refused = [(spec.name != "recon", f"method={spec.name!r} trains a supernet with the classification loss",
-                "leave method at 'recon' (the default)"),
+    refused = [(not spec.tasks, f"method={spec.name!r} trains with the classification loss or logits",
+                f"use one of {', '.join(repr(n) for n in METHODS if METHODS.get(n).tasks)}"),
                (bool(cfg.export), f"export={list(cfg.export)}: exporting a detector's or segmenter's "
                                   "post-processing is not supported", "leave export out"),
                (cfg.reparam is not None, f"reparam={cfg.reparam!r} fine-tunes with the classification loss",
@@ -608,7 +612,7 @@ def _train(ctx, reference, clock):
                                  epochs=ctx.epochs, batch_size=ctx.batch_size, lr=ctx.lr, teacher=ctx.teacher,
                                  seed=ctx.seed, progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir,
                                  restart=ctx.restart, identity=ctx.identity, output_fn=ctx.output_fn,
-                                 window=window, sides=ctx.sides)
+                                 window=window, sides=ctx.sides, task=ctx.task)
     return (net, before, trained.records, window.anchors if window is not None else (), trained.steps,
             trained.sampler)
 
@@ -643,7 +647,7 @@ def _best_seed(ctx, net):
     before training (BN recalibrated): the anchor supernet training moves around."""
     calib, scoring = ctx.calibration(), ctx.batched(ctx.held_out)
     scores = [same_draws(score, net, cfg, "left", scoring, calib, calib_batches=ctx.calib_batches,
-                         metric=ctx.score_metric, output_fn=ctx.output_fn) for cfg in ctx.seeds]
+                         metric=ctx.score_metric, output_fn=ctx.output_fn, task=ctx.task) for cfg in ctx.seeds]
     best = max(range(len(scores)), key=scores.__getitem__)  # ties: the first seed
     log.info("training anchor %s (seed scores before training: %s)", list(ctx.seeds[best]),
              ", ".join(f"{s:.4f}" for s in scores))
@@ -658,9 +662,10 @@ def _reconstruct_anchor(ctx, net, reference, anchor, score_before):
     saved = copy.deepcopy(ctx.model.state_dict())
     small = slim(ctx.model, ctx.space, anchor, "left")
     write_back(ctx.model, small, ctx.space, anchor, "left",
-               reconstruct(small, reference, ctx.space, anchor, "left", calib))
+               reconstruct(small, reference, ctx.space, anchor, "left", calib,
+                           images=ctx.task.images if ctx.task is not None else None))
     after = same_draws(score, net, anchor, "left", scoring, calib, calib_batches=ctx.calib_batches,
-                       metric=ctx.score_metric, output_fn=ctx.output_fn)
+                       metric=ctx.score_metric, output_fn=ctx.output_fn, task=ctx.task)
     log.info("reconstructed the anchor: held-out score %.4f -> %.4f%s", score_before, after,
              "" if after >= score_before else " (worse: the weights before it are kept)")
     if after < score_before:
@@ -679,14 +684,14 @@ def _search_and_slim(ctx, net, before, records, anchors=(), sampler=None, point=
         found = point if point is not None else ctx.method.searcher(
             net, search_budget, calib, scoring, records=records, effort=ctx.effort, seed=ctx.seed,
             calib_batches=ctx.calib_batches, sides=ctx.sides or ctx.method.sides, progress=ctx.progress,
-            metric=ctx.score_metric, seeds=ctx.seeds, output_fn=ctx.output_fn,
+            metric=ctx.score_metric, seeds=ctx.seeds, output_fn=ctx.output_fn, task=ctx.task,
             final_data=_second_look(calib, ctx.calib_batches, ctx.final_batches),
             alternate=before if ctx.score_original else None, anchors=anchors,
             **ctx.method.searcher_kwargs(ctx.options, sampler))
         source, found.inherited = _inheritance(net, before, found, ctx.inherit, calib, scoring,
-                                               ctx.calib_batches, ctx.score_metric, ctx.output_fn)
+                                               ctx.calib_batches, ctx.score_metric, ctx.output_fn, ctx.task)
         # the slim model inherits BN statistics calibrated for its configuration
-        recalibrate_bn(source, found.cfg, found.side, calib, batches=ctx.calib_batches)
+        recalibrate_bn(source, found.cfg, found.side, calib, batches=ctx.calib_batches, task=ctx.task)
         source.full()
         small = slim(source.model, space, found.cfg, found.side)
         if ctx.latency is None:
@@ -717,7 +722,7 @@ def _second_look(calib, calib_batches, final_batches):
     return Batches(calib, start, start + final_batches)
 
 
-def _inheritance(net, before, found, inherit, calib, scoring, calib_batches, metric, output_fn=None):
+def _inheritance(net, before, found, inherit, calib, scoring, calib_batches, metric, output_fn=None, task=None):
     """(the supernet to slim from, its name): the trained supernet `net`, or `before` (the weights
     before supernet training); with "best", the one whose held-out score of the chosen
     configuration and side is higher (ties keep the trained supernet)."""
@@ -727,7 +732,7 @@ def _inheritance(net, before, found, inherit, calib, scoring, calib_batches, met
         return before, "original"
     kept = found.score_alternate if found.side == "left" and not math.isnan(found.score_alternate) else \
         same_draws(score, before, found.cfg, found.side, scoring, calib, calib_batches=calib_batches,
-                   metric=metric, output_fn=output_fn)  # the draws the search scored the candidate with
+                   metric=metric, output_fn=output_fn, task=task)  # the draws the search scored the candidate with
     trained = found.score_right if found.side == "right" else found.score_left  # a placement: its left score
     log.info("weights for the slim model: supernet scores %.4f, before supernet training %.4f", trained, kept)
     return (before, "original") if kept > trained else (net, "supernet")

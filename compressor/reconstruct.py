@@ -145,14 +145,14 @@ class Targets:
 
 
 def reconstruct(small: nn.Module, full: nn.Module, space, cfg, side: str, data, *, batches: int = 6,
-                positions: int = 32, ridge: float = 1e-3, targets: Targets | None = None) -> list:
+                positions: int = 32, ridge: float = 1e-3, targets: Targets | None = None, images=None) -> list:
     """Refit `small` (slim(full, space, cfg, side)) in place toward `full` on `batches` batches of
     `data` (an iterable of (x, y); the labels are not used), `positions` sampled output positions
     per image and layer, each fit pulled toward the layer's current weights with `ridge` (relative
     to the mean input energy). `targets`: a Targets of `full` to reuse (then `data`, `batches` and
     `positions` are its). Returns the names of the layers refitted. `small` runs in eval mode; its
     modes are restored."""
-    targets = targets or Targets(full, data, batches=batches, positions=positions)
+    targets = targets or Targets(full, data, batches=batches, positions=positions, images=images)
     keeps = kept_indices(space, full, cfg, side)
     fitted = []
 

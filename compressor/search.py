@@ -19,6 +19,7 @@ from .samplers import local_moves
 from .searchers import DRAW_BATCH, DRAW_ROUNDS, Evolution, ParetoSelection, Problem, pareto_ranks
 from .space import WidthSpace
 from .supernet import Supernet
+from .tasks import move
 from .batches import check_labels, logits, read_batches
 
 log = logging.getLogger("compressor.search")
@@ -35,9 +36,10 @@ def _device(net: Supernet):
     return next(net.parameters()).device
 
 
-def recalibrate_bn(net: Supernet, cfg, side: str, calib_data, batches: int = 20) -> Supernet:
+def recalibrate_bn(net: Supernet, cfg, side: str, calib_data, batches: int = 20, task=None) -> Supernet:
     """Activate `cfg` on `side` and re-estimate every BN layer's running statistics from scratch:
-    a cumulative average over `batches` batches of `calib_data` (an iterable of (x, y)), with
+    a cumulative average over `batches` batches of `calib_data` (an iterable of (x, y), or of a
+    `task`'s batches, whose images it reads), with
     only the BN layers in train mode (dropout stays off). Leaves `net` in eval mode. Under
     torch.distributed the statistics are averaged over ranks, so every rank evaluates the same
     network (and, with sharded calibration data, uses every rank's batches)."""
@@ -55,10 +57,10 @@ def recalibrate_bn(net: Supernet, cfg, side: str, calib_data, batches: int = 20)
             m.momentum = None  # cumulative average: every batch weighs the same
             m.train()
         with torch.no_grad():
-            for x, _ in read_batches(calib_data, "BN recalibration"):
+            for batch in read_batches(calib_data, "BN recalibration"):
                 if seen == batches:
                     break
-                net(x.to(device))
+                net((task.images(batch) if task is not None else batch[0]).to(device))
                 seen += 1
     finally:
         for m, momentum in zip(norms, momenta):
@@ -79,9 +81,10 @@ METRICS = SCORE_METRICS  # the one list, in config.py (the CLI reads it without 
 
 
 def score_samples(net: Supernet, cfg, side: str, val_data, calib_data, *, calib_batches: int = 20,
-                  max_batches: int | None = None, metric: str = "top1", output_fn=None) -> torch.Tensor:
+                  max_batches: int | None = None, metric: str = "top1", output_fn=None, task=None) -> torch.Tensor:
     """Per held-out sample, in the order `val_data` yields them: 1.0 or 0.0 for a correct or wrong
-    top-1 (metric "top1"), or minus the cross-entropy ("loss"), of `cfg` on `side` after
+    top-1 (metric "top1"), or minus the cross-entropy ("loss"), or a `task`'s per-sample score
+    (compressor.tasks; then `metric` and `output_fn` do not apply), of `cfg` on `side` after
     recalibrating BN on `calib_data`. The supernet's BN buffers, active configuration and
     train/eval modes are restored afterwards. Under torch.distributed each rank scores the batches
     whose index % world size is its rank and the results are gathered, so every rank returns the
@@ -96,13 +99,18 @@ def score_samples(net: Supernet, cfg, side: str, val_data, calib_data, *, calib_
     device = _device(net)
     batches = []  # (batch index, per-sample values)
     try:
-        recalibrate_bn(net, cfg, side, calib_data, calib_batches)
+        recalibrate_bn(net, cfg, side, calib_data, calib_batches, task)
         with torch.no_grad():
-            for i, (x, y) in enumerate(read_batches(val_data, "scoring")):
+            for i, batch in enumerate(read_batches(val_data, "scoring")):
                 if max_batches is not None and i >= max_batches:
                     break
                 if i % world != rank:
                     continue
+                if task is not None:
+                    batches.append((i, task.samples(net, move(batch, device)).detach().double().cpu().flatten()))
+                    net.eval()  # a task's samples may switch modes (detection: train mode for its losses)
+                    continue
+                x, y = batch
                 out = logits(net(x.to(device)), output_fn)
                 check_labels(y, out.shape[-1], f"scoring batch {i}")
                 batches.append((i, sample_values(out, y.to(device), metric)))
@@ -134,13 +142,13 @@ def sample_values(out, y, metric: str) -> torch.Tensor:
 
 
 def score(net: Supernet, cfg, side: str, val_data, calib_data, *, calib_batches: int = 20,
-          max_batches: int | None = None, metric: str = "top1", output_fn=None) -> float:
+          max_batches: int | None = None, metric: str = "top1", output_fn=None, task=None) -> float:
     """Held-out quality of `cfg` on `side` on `val_data`, after recalibrating BN on `calib_data`:
     top-1 accuracy in [0, 1] (metric "top1"), or minus the mean cross-entropy ("loss": higher is
     better too, and it separates candidates that a small split gives the same top-1): the mean of
     score_samples, whose notes (restored state, torch.distributed, output_fn) hold here too."""
     return float(score_samples(net, cfg, side, val_data, calib_data, calib_batches=calib_batches,
-                               max_batches=max_batches, metric=metric, output_fn=output_fn).mean())
+                               max_batches=max_batches, metric=metric, output_fn=output_fn, task=task).mean())
 
 
 def same_draws(fn, *args, seed=0, **kwargs):
@@ -461,7 +469,7 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
            window=(0.8, 1.0), seed: int = 0, calib_batches: int = 20, max_val_batches: int | None = None,
            sides=("left", "right"), progress: bool = True, metric: str = "top1", seeds=(),
            final_data=None, output_fn=None, alternate: Supernet | None = None, anchors=(),
-           searcher=None, placements=None) -> SearchResult:
+           searcher=None, placements=None, task=None) -> SearchResult:
     """Evolutionary width search on a trained supernet (METHOD section 6), or another searcher's.
 
     `budget`: a Budget or a string such as "flops<=50%,params<=2M". `train_data` supplies the BN
@@ -477,7 +485,8 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
     batches the search never selected on; when given, the final top-k and the feasible seeds are
     scored again on them and the best of those is the result. The maximum of many noisy held-out
     scores overestimates its candidate (the winner's curse); an independent second look does not.
-    `output_fn` picks the logits from a model output that is not a tensor. `alternate`: a supernet
+    `output_fn` picks the logits from a model output that is not a tensor; `task` (compressor.tasks)
+    scores with its per-sample score instead. `alternate`: a supernet
     over other weights of the same space (compress: the model before supernet training) whose left
     path is scored too; a candidate's fitness is the better of its supernet fitness and that score,
     so the search finds the networks that are best to fine-tune from either set of weights.
@@ -511,7 +520,7 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
     log.info("searching %s: %s", ", ".join(b.text for b in bounds), searcher or evolution)
 
     evaluated = {}  # cfg -> (left, right, alternate): the score cache; children are never re-scored
-    rate = _rater(net, alternate, sides, train_data, calib_batches, metric, output_fn, placements)
+    rate = _rater(net, alternate, sides, train_data, calib_batches, metric, output_fn, placements, task)
 
     def evaluate(cfg):
         evaluated[cfg] = rate(cfg, val_data, max_val_batches)
@@ -548,7 +557,7 @@ def search(net: Supernet, budget, train_data, val_data, *, records=None, effort:
         best, finalists = _final_choice(space, top, seeds, sides, bounds, rate, final_data)
     elif len(anchors) and alternate is None:
         best, guard = _anchor_guard(net, canon[rows, np.asarray(anchors[0])], best, evaluated, sides, val_data,
-                                    train_data, calib_batches, max_val_batches, metric, output_fn, rate.placed)
+                                    train_data, calib_batches, max_val_batches, metric, output_fn, rate.placed, task)
     left, right, other = evaluated[best]
     # the alternate's score is its left path's: when it decides the fitness, the side is left
     alternate_wins = other > _fitness((left, right, float("nan")), sides)
@@ -596,7 +605,7 @@ class ParetoResult:
 
 def pareto_search(net: Supernet, budget, train_data, val_data, *, effort: float = 1.0, seed: int = 0,
                   calib_batches: int = 20, max_val_batches: int | None = None, sides=("left", "right"),
-                  progress: bool = True, metric: str = "top1", seeds=(), output_fn=None) -> ParetoResult:
+                  progress: bool = True, metric: str = "top1", seeds=(), output_fn=None, task=None) -> ParetoResult:
     """One multi-objective evolutionary search (METHOD section 6, last point): held-out score up and
     the cost of the budget's first constraint down, e.g. "flops<=100%" (the whole space) or
     "latency<=2ms@ort-cpu" (only candidates under 2 ms; every other constraint of the budget holds
@@ -618,7 +627,7 @@ def pareto_search(net: Supernet, budget, train_data, val_data, *, effort: float 
     evolution = replace(evolution, top_k=evolution.population)
     rng = np.random.default_rng(seed)
     evaluated = {}
-    rate = _rater(net, None, sides, train_data, calib_batches, metric, output_fn)
+    rate = _rater(net, None, sides, train_data, calib_batches, metric, output_fn, task=task)
 
     def evaluate(cfg):
         evaluated[cfg] = rate(cfg, val_data, max_val_batches)
@@ -663,7 +672,7 @@ def clearly_better(difference) -> tuple:
 
 
 def _anchor_guard(net, anchor, best, evaluated, sides, val_data, calib_data, calib_batches, max_batches, metric,
-                  output_fn, placed=None):
+                  output_fn, placed=None, task=None):
     """(the configuration to deliver, the test): the search's best replaces the anchor supernet
     training moved around only when its held-out scores beat the anchor's by more than GUARD_Z
     standard errors of their per-sample difference (paired: the same samples and draws). The best
@@ -676,7 +685,7 @@ def _anchor_guard(net, anchor, best, evaluated, sides, val_data, calib_data, cal
     for side in sides:
         samples = [same_draws(score_samples, net, cfg, (placed or {}).get(cfg, side) if side == "left" else side,
                               val_data, calib_data, calib_batches=calib_batches, max_batches=max_batches,
-                              metric=metric, output_fn=output_fn) for cfg in (best, anchor)]
+                              metric=metric, output_fn=output_fn, task=task) for cfg in (best, anchor)]
         difference = difference + (samples[0] - samples[1]) / len(sides)
     mean, error, moved = clearly_better(difference)
     log.info("anchor guard: the search's best scores %+.4f over the anchor (standard error %.4f): %s", mean, error,
@@ -685,7 +694,7 @@ def _anchor_guard(net, anchor, best, evaluated, sides, val_data, calib_data, cal
                                           "standard_error": error, "delivered": "search" if moved else "anchor"}
 
 
-def _rater(net, alternate, sides, calib_data, calib_batches, metric, output_fn, placements=None):
+def _rater(net, alternate, sides, calib_data, calib_batches, metric, output_fn, placements=None, task=None):
     """rate(cfg, data, max_batches) -> (left, right, alternate) held-out scores of a candidate, NaN
     for what is not scored, each with the same draws. With `placements` (cfg -> sides), the left
     score is the best placement's, and rate.placed[cfg] that placement (from the last rating)."""
@@ -694,7 +703,7 @@ def _rater(net, alternate, sides, calib_data, calib_batches, metric, output_fn, 
     def rate(cfg, data, max_batches=None):
         def on(supernet, side):
             return same_draws(score, supernet, cfg, side, data, calib_data, calib_batches=calib_batches,
-                              max_batches=max_batches, metric=metric, output_fn=output_fn)
+                              max_batches=max_batches, metric=metric, output_fn=output_fn, task=task)
 
         def left():
             if placements is None:

@@ -24,9 +24,11 @@ from .checkpoint import resume, rng_state, set_rng_state
 from .files import atomic_torch_save, check_writable
 from .losses import kd
 from .methods import get_method
+from .methods.base import default_loss
 from .progress import Progress
 from .run_identity import run_identity, weights_hash
 from .supernet import Supernet
+from .tasks import move
 from .batches import check_labels, logits, read_batches
 
 log = logging.getLogger("compressor.train")
@@ -100,11 +102,12 @@ def _classes(x, net, output_fn):
         return logits(net.full()(x[:2]), output_fn).shape[-1]
 
 
-def lowest_loss(net: Supernet, x, y, subnets, output_fn=None, label_smoothing=0.0):
-    """CafeNet's min-min selection: of `subnets` [(cfg, side, weight)], the one whose cross-entropy
-    on the batch (x, y) is lowest, each measured without gradient in the supernet's current mode;
-    the BN running statistics are left as they were (a probe is not a training step). Under
-    torch.distributed the losses are averaged over ranks, so every rank picks the same subnet."""
+def lowest_loss(net: Supernet, subnets, loss_of):
+    """CafeNet's min-min selection: of `subnets` [(cfg, side, weight)], the one whose loss
+    `loss_of(net)` (the step's loss on its batch) is lowest, each measured without gradient in the
+    supernet's current mode; the BN running statistics are left as they were (a probe is not a
+    training step). Under torch.distributed the losses are averaged over ranks, so every rank picks
+    the same subnet."""
     if len(subnets) == 1:
         return subnets[0]
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -113,7 +116,7 @@ def lowest_loss(net: Supernet, x, y, subnets, output_fn=None, label_smoothing=0.
     with torch.no_grad():
         for cfg, side, _ in subnets:
             net.set(cfg, side)
-            losses.append(F.cross_entropy(logits(net(x), output_fn), y, label_smoothing=label_smoothing))
+            losses.append(loss_of(net))
             for m, buffers in zip(norms, saved):
                 for k, b in buffers.items():
                     getattr(m, k).copy_(b)
@@ -127,7 +130,7 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
                    batch_size=None, lr=0.01, momentum=0.9, weight_decay=4e-5, label_smoothing=0.1,
                    teacher: nn.Module = None, distill_weight=0.5, checkpoint_dir=None, checkpoint_every=200,
                    seed=0, records_k=100, device=None, progress=True, identity=None, restart=False,
-                   output_fn=None, window=None, sides=None) -> TrainResult:
+                   output_fn=None, window=None, sides=None, task=None) -> TrainResult:
     """Train `net` (a cz.supernet) on `train_data` (a Dataset or DataLoader of (image, label)).
 
     `method`: a registered method's name (compressor.methods): "bcnet", left and right subnets of
@@ -145,6 +148,9 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
     train mode). Every batch's labels are checked against the model's classes. `window`: a
     samplers.TrainingWindow, the configurations the random draws come from (None: any), and the
     anchors its draws move around. `sides`: the sides each step trains (None: the method's).
+    `task` (compressor.tasks, other than classification): each subnet's loss is task.loss(model,
+    batch) on the batches as the data yields them (no labels checked, no teacher); only a method
+    with the default loss and forward can train with it.
     """
     if not isinstance(net, Supernet):
         raise ConfigError(f"net must be a cz.supernet(...), got {type(net).__name__}")
@@ -153,6 +159,10 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
         raise ConfigError(f"method {spec.name!r} does not train a supernet: use compress(method={spec.name!r})")
     options = spec.parse_options(method_options)
     method = spec.name
+    if task is not None and (spec.loss is not default_loss or spec.forward is not None or teacher is not None):
+        raise ConfigError(f"method {method!r} cannot train with task {task.name!r}: its loss reads class logits "
+                          f"{'(a teacher distils them)' if teacher is not None else ''}; use bcnet, mctnas, cafenet or "
+                          f"bsnas, without a teacher")
     sampler = spec.sampler(net.space, seed, options, window, sides)
     run = spec.forward(net, options) if spec.forward is not None else (lambda model, x, i, state: model(x))
     dataset, batch_size, workers, collate = _as_dataset(train_data, batch_size)
@@ -186,7 +196,8 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
                               window=None if window is None else (window.label or window.low),
                               anchors=None if window is None else [list(a) for a in window.anchors],
                               sides=None if sides is None else list(sides),
-                              teacher=weights_hash(teacher) if teacher is not None else None, **(identity or {}))
+                              teacher=weights_hash(teacher) if teacher is not None else None,
+                              task=task.name if task is not None else None, **(identity or {}))
         path, state = resume(checkpoint_dir, CHECKPOINT, run_id, restart=restart, device=device, owner=rank == 0,
                              size=3 * sum(t.numel() * t.element_size() for t in net.state_dict().values()),
                              keys=("net", "step", "optimizer"), what="a supernet checkpoint written by train_supernet")
@@ -217,12 +228,21 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
         epoch, offset = divmod(step, per_epoch)
         if batches is None or offset == 0:
             batches = _epoch_batches(dataset, batch_size, workers, collate, seed, epoch, rank, world, offset)
-        x, y = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if step == start:
-            classes = _classes(x, net, output_fn)
-            net.train()
-        check_labels(y, classes, f"supernet training step {step} (epoch {epoch}, batch {offset})")
+        batch = next(batches)
+        if task is None:
+            x, y = (t.to(device, non_blocking=True) for t in batch)
+            if step == start:
+                classes = _classes(x, net, output_fn)
+                net.train()
+            check_labels(y, classes, f"supernet training step {step} (epoch {epoch}, batch {offset})")
+
+            def loss_of(model):
+                return F.cross_entropy(logits(model(x), output_fn), y, label_smoothing=label_smoothing)
+        else:
+            batch = move(batch, device)
+
+            def loss_of(model):
+                return task.loss(model, batch)
         subnets = sampler.next()
         if world > 1 and spec.min_min:  # every rank weighs rank 0's alternatives (placements included)
             shared = [subnets]
@@ -233,7 +253,7 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
             dist.broadcast(cfgs, 0)
             subnets = [(tuple(c.tolist()), s, w) for c, (_, s, w) in zip(cfgs, subnets)]
         if spec.min_min:  # the step's subnets are alternatives: train the one with the lowest loss
-            subnets = [lowest_loss(net, x, y, subnets, output_fn, label_smoothing)]
+            subnets = [lowest_loss(net, subnets, loss_of)]
         with torch.no_grad():
             target = logits(teacher(x), output_fn) if teacher is not None else None
         optimizer.zero_grad(set_to_none=True)
@@ -242,11 +262,14 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
             net.set(cfg, side)
             sync = i == len(subnets) - 1 or world == 1  # all-reduce gradients once, on the last backward
             with model.no_sync() if not sync else contextlib.nullcontext():
-                out = logits(run(model, x, i, state), output_fn)
-                ce = F.cross_entropy(out, y, label_smoothing=label_smoothing)
-                base = (lambda: ce) if target is None else (
-                    lambda: (1 - distill_weight) * ce + distill_weight * kd(out, target))
-                loss = spec.loss(i, out, base, state)
+                if task is not None:
+                    ce = loss = task.loss(model, batch)
+                else:
+                    out = logits(run(model, x, i, state), output_fn)
+                    ce = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+                    base = (lambda: ce) if target is None else (
+                        lambda: (1 - distill_weight) * ce + distill_weight * kd(out, target))
+                    loss = spec.loss(i, out, base, state)
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
                         f"the loss became {loss.item()} at step {step} ({side} subnet {list(cfg)}); weights were "

@@ -257,8 +257,8 @@ def test_a_bad_task_is_refused_before_any_work():
         cz.compress(model, "flops<=50%", train, task=per_batch, progress=False)
     with pytest.raises(ConfigError, match="unknown task 'detect'"):
         cz.compress(model, "flops<=50%", train, task="detect", progress=False)
-    with pytest.raises(ConfigError, match="method='bcnet' trains a supernet"):
-        cz.compress(model, "flops<=50%", train, task=seg, method="bcnet", progress=False)
+    with pytest.raises(ConfigError, match="method='ua' trains with the classification loss.*'bcnet'"):
+        cz.compress(model, "flops<=50%", train, task=seg, method="ua", progress=False)
     with pytest.raises(ConfigError, match="leave output_fn out"):
         cz.compress(model, "flops<=50%", train, task=seg, output_fn=lambda out: out["out"], progress=False)
     with pytest.raises(ConfigError, match="detection.*loss.*failed"):  # segmentation items for a detector
@@ -267,6 +267,30 @@ def test_a_bad_task_is_refused_before_any_work():
                                                                         num_classes=3)
     with pytest.raises(ConfigError, match="flops budget cannot be met exactly.*params<=50%"):
         cz.compress(rcnn, "flops<=50%", Shapes(8, "detection"), task="detection", progress=False)
+
+
+@pytest.mark.parametrize("method", ["bcnet", "cafenet"])
+def test_a_supernet_method_trains_and_searches_with_the_task(method, tmp_path):
+    """BCNet (both sides, complementary pairs) and CafeNet (min-min over placements) train their
+    supernet on the task's loss and search with its per-image score: budget met, mean IoU above the
+    random-weight original's, every scored candidate a mean IoU; the kept supernet.pt records the
+    task, and search_trained (which scores with classification) refuses it by name."""
+    torch.manual_seed(0)
+    model = with_statistics(lraspp())
+    before = snapshot(model)
+    train, val = Shapes(24, "segmentation"), Shapes(8, "segmentation", seed=1)
+    options = {k: v for k, v in FAST.items() if k != "method_options"}
+    result = cz.compress(model, "flops<=60%", train, val, task="segmentation", method=method, out_dir=str(tmp_path),
+                         source="test_tasks:lraspp",
+                         **dict(options, supernet_epochs=1, effort=0.05))
+    assert result.meets_budget() and result.result["flops"] <= 0.6 * result.original["flops"]
+    assert result.supernet["trained"] and result.supernet["steps"] > 0
+    scored = [v for e in result.search["history"] for v in (e["score_left"], e["score_right"]) if not math.isnan(v)]
+    assert scored and all(0 <= v <= 1 for v in scored)
+    assert result.result["score"] > result.original["score"]
+    with pytest.raises(ConfigError, match="trained with task 'segmentation'"):
+        cz.search_trained(str(tmp_path), model, ["flops<=50%"], train, val, progress=False)
+    assert_unchanged(model, before)
 
 
 def test_compress_faster_rcnn_on_a_parameter_budget():

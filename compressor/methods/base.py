@@ -62,6 +62,9 @@ class Method:
     finetunes_supernet_epochs: bool = False
     # the width space's default broadening (compressor/broaden.py): compress's broaden=None takes it
     broaden: float = 1.0
+    # runs with a task other than classification (compress(task=...)): its training and scoring use
+    # only the task's loss and per-sample score, never class logits
+    tasks: bool = True
     summary: str = ""
 
     def parse_options(self, options=None):

@@ -370,4 +370,5 @@ def _prune(ctx, gates):
 
 DAGGER = register(Method(
     name="dagger", options=DaggerOptions, sampler=None, fit=fit, sides=("left",),
+    tasks=False,  # its gates train on the classification loss
     summary="data-agnostic filter gating: gates from the weights, a FLOPs regulariser, one threshold"))

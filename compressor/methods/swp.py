@@ -277,6 +277,7 @@ SWP = register(Method(
         space, seed, n_random=options.n_random, window=window),  # left only, whatever `sides`
     forward=training_forward,
     loss=stage_loss,
+    tasks=False,  # its loss reads the subnets' class logits
     record=lambda cfg, space: cfg != space.max(),
     sides=("left",),
     searcher=stage_search,

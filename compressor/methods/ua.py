@@ -30,6 +30,7 @@ UA = register(Method(
     sampler=lambda space, seed, options, window=None, sides=None: SandwichSampler(
         space, seed, n_random=options.n_random, window=window),  # left only, whatever `sides`
     loss=sandwich_loss,
+    tasks=False,  # its loss reads the subnets' class logits
     record=lambda cfg, space: cfg != space.max(),
     sides=("left",),  # right paths are never trained
     summary="unilateral supernet (AutoSlim sandwich rule), the baseline BCNet is compared with"))
