@@ -123,8 +123,9 @@ def graph_time_limit(seconds, model):
     start = time.monotonic()
     previous = signal.signal(signal.SIGALRM, alarm)
     # repeating: a raise that lands in a gc callback or a __del__ is swallowed by Python ("exception
-    # ignored"), so the alarm comes back every half second until one reaches the analysis
-    signal.setitimer(signal.ITIMER_REAL, seconds, 0.5)
+    # ignored"), so the alarm comes back every 50 ms until one reaches the analysis (every 0.5 s
+    # let a swallowed first alarm miss an analysis that ended within the half second after it)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)
     try:
         yield
     except _TimeLimit as e:
