@@ -5,7 +5,7 @@ cz.slim) and (b) the cost model's FLOPs and parameters equal FlopCounterMode's a
 count of the slim model. The Torch-Pruning column: does tp.pruner.BasePruner with L1 importance at
 ratio 0.3 (classifier ignored) run and leave a model that runs forward (no parity or cost promise).
 
-    python benchmarks/coverage.py [--zoo timm] [--models resnet18,vgg11_bn] [--size 64] [--timeout 900]
+    python benchmarks/coverage.py [--zoo timm] [--models resnet18,vgg11_bn] [--size 64] [--timeout 900] [--map-shuffles]
 
 Input: --size (64), or the size tests/models.py gives a model; a timm model whose forward fails
 there is retried once at the input size of its pretrained_cfg (efficientformer_l1, visformer_tiny:
@@ -58,7 +58,7 @@ def torch_pruning_runs(zoo, name, x):
         return f"fails: {type(e).__name__}: {str(e)[:150]}"
 
 
-def check_model(zoo, name, size, time_limit, queue):
+def check_model(zoo, name, size, time_limit, queue, map_shuffles=False):
     import torch
     import compressor as cz
     from compressor.slim import freeze_unsliceable
@@ -70,7 +70,8 @@ def check_model(zoo, name, size, time_limit, queue):
         t0 = time.time()
         model = build(zoo, name)
         try:
-            space = cz.analyze(model, x, time_limit=time_limit)  # a clear refusal before the process limit
+            # a clear refusal before the process limit
+            space = cz.analyze(model, x, time_limit=time_limit, map_shuffles=map_shuffles)
         except cz.ConfigError:
             # a model whose forward needs its own input size (a fixed patch grid or attention bias
             # table): retry once at the size of its pretrained_cfg, as a user would
@@ -79,7 +80,7 @@ def check_model(zoo, name, size, time_limit, queue):
                 raise
             row["input"] = size = own
             x = torch.randn(1, 3, size, size)
-            space = cz.analyze(model, x, time_limit=time_limit)
+            space = cz.analyze(model, x, time_limit=time_limit, map_shuffles=map_shuffles)
         # what compress() does next: freeze the groups whose slimming breaks a module
         space = freeze_unsliceable(model, space)
         row.update(groups=len(space), frozen=len(space.frozen), analyze_s=round(time.time() - t0, 1))
@@ -117,6 +118,7 @@ def main():
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="input size (some models need more)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per model")
     parser.add_argument("--out", help="result file (default coverage.json, coverage-timm.json)")
+    parser.add_argument("--map-shuffles", action="store_true", help="analyze(map_shuffles=True): ShuffleNetV2's stream slimmed")
     args = parser.parse_args()
     args.out = args.out or ("coverage-timm.json" if args.zoo == "timm" else "coverage.json")
 
@@ -133,7 +135,8 @@ def main():
     done = {r["model"] for r in rows}
     for name in [n for n in names if n not in done]:
         queue = ctx.Queue()
-        proc = ctx.Process(target=check_model, args=(args.zoo, name, input_size(name, args.size), max(10, args.timeout // 2), queue))
+        proc = ctx.Process(target=check_model, args=(args.zoo, name, input_size(name, args.size), max(10, args.timeout // 2), queue,
+                                                             args.map_shuffles))
         proc.start()
         proc.join(args.timeout)
         timed_out = proc.is_alive()

@@ -427,7 +427,7 @@ def _prepare(model, budgets, train_data, val_data, cfg, clock, *, example_input,
     with clock("analyze"):
         # groups whose slimming breaks a module are frozen now, not refused after training
         space = freeze_unsliceable(work, analyze(work, x, bins=cfg.bins, divisor=cfg.divisor, exclude=cfg.exclude,
-                                                 binning=binning))
+                                                 binning=binning, map_shuffles=cfg.map_shuffles))
     if ratio == 1:  # a broadened space gets its latency models and bounds once it is built, below
         bounds_of = _bounds(work, space, budgets, clock, progress, latency_options)
 

@@ -62,6 +62,9 @@ class CompressConfig:
     # widths); chosen from the quality benchmark (README, Quality)
     binning: str | None = None
     exclude: tuple = ()
+    # a channel-shuffled stream (ShuffleNetV2's) as one width variable (analyze's map_shuffles); off:
+    # on a CIFAR-10 ShuffleNetV2 the delivered networks were worse with it (README)
+    map_shuffles: bool = False
     seed: int = 0
     export: tuple = ()                  # of formats.EXPORT_FORMATS
     conv_impl: str = "auto"
@@ -112,6 +115,8 @@ class CompressConfig:
             raise ConfigError('seed_population=False computes no seed configurations, but method "recon" and '
                               'supernet_sampling="anchored" (supernet methods) start from them: keep seed_population=True, '
                               'or use another method with supernet_sampling="window"')
+        if not isinstance(self.map_shuffles, bool):
+            raise ConfigError(f"map_shuffles must be True or False, got {self.map_shuffles!r}")
         if self.broaden is not None:
             from .broaden import check_ratio  # imports torch: only when asked for
             check_ratio(self.broaden, self.bins)

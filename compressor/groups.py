@@ -296,9 +296,10 @@ def _shuffle_reason(op, module, before, after):
     return (f"the reshape {op} after module '{module}' ({before} -> {after}) regroups these channels as "
             f"{split[1]} x {split[2]}, {SHUFFLE_MARK}: the shuffle interleaves the groups, and "
             f"a slim network running the model's own shuffle and chunks keeps the same function only with "
-            f"channel sets that send every channel to the same layers; compressor.shuffle maps the streams "
-            f"of concatenations, chunks and shuffles between convolutions (ShuffleNetV2), and found no "
-            f"such mapping for these channels, so they keep their width")
+            f"channel sets that send every channel to the same layers, so these channels keep their width; "
+            f"analyze(map_shuffles=True) (compress: map_shuffles=True, CLI --map-shuffles) maps such a "
+            f"stream between convolutions (ShuffleNetV2's) as one width, where every channel reaches whole "
+            f"layers")
 
 
 def _concat_sizes(node):

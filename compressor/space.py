@@ -434,7 +434,7 @@ def _traced(work, example_input):
 
 def analyze(model: nn.Module, example_input: torch.Tensor, bins: int = 20, divisor: int = 8,
             exclude=(), min_ratio: float = 0.0, max_ratio: float = 1.0, time_limit: float = 300.0,
-            binning: str = "channels") -> WidthSpace:
+            binning: str = "channels", map_shuffles: bool = False) -> WidthSpace:
     """Find the channel groups of `model` and build its width space and exact cost model.
 
     `divisor`: widths are multiples of it (1 disables alignment); "auto" picks one per group
@@ -444,8 +444,11 @@ def analyze(model: nn.Module, example_input: torch.Tensor, bins: int = 20, divis
     graphs make it loop for hours; None: no limit). `binning`: "channels", bin c keeps c/bins of
     a group's channels; "flops", CafeNet's FLOPs-sensitive bins (flops_widths): every width step
     adds about the same FLOPs, so cheap groups get coarser bins and the space is smaller (bins still
-    index 1..bins, and min_ratio/max_ratio still bound the bin index). The model is not modified:
-    the analysis runs on a copy.
+    index 1..bins, and min_ratio/max_ratio still bound the bin index). `map_shuffles`: make each
+    channel-shuffled stream (ShuffleNetV2's) one width variable (compressor.shuffle) instead of
+    keeping it at its full width; off by default, because on a CIFAR-10 ShuffleNetV2 compress()
+    delivered worse networks with it (README, "ShuffleNetV2"). The model is not modified: the
+    analysis runs on a copy.
     """
     check_model(model, example_input)
     if not isinstance(bins, int) or bins < 1:
@@ -468,11 +471,14 @@ def analyze(model: nn.Module, example_input: torch.Tensor, bins: int = 20, divis
     with graph_time_limit(time_limit, work):
         graph = _traced(work, example_input)
         groups, frozen = find_groups(work, graph, exclude)
-    streams, solved = shuffled_streams(work, example_input, groups, frozen,
-                                       lambda n: auto_divisor(n) if divisor == "auto" else divisor,
-                                       lambda reason: SHUFFLE_MARK in reason)
-    groups = groups + streams
-    frozen = {name: reason for name, reason in frozen.items() if name not in solved}
+    if not isinstance(map_shuffles, bool):
+        raise ConfigError(f"map_shuffles must be True or False, got {map_shuffles!r}")
+    if map_shuffles:
+        streams, solved = shuffled_streams(work, example_input, groups, frozen,
+                                           lambda n: auto_divisor(n) if divisor == "auto" else divisor,
+                                           lambda reason: SHUFFLE_MARK in reason)
+        groups = groups + streams
+        frozen = {name: reason for name, reason in frozen.items() if name not in solved}
     if not groups:
         reasons = "; ".join(f"{n}: {r}" for n, r in list(frozen.items())[:5])
         raise UnsupportedModelError(

@@ -23,11 +23,24 @@ def shufflenet():
     torch.manual_seed(0)
     model = with_real_statistics(torchvision.models.shufflenet_v2_x0_5(weights=None))
     example = torch.randn(1, 3, 64, 64)
-    return model, example, cz.analyze(model, example)
+    return model, example, cz.analyze(model, example, map_shuffles=True)
 
 
 def streams_of(space):
     return [g for g, group in enumerate(space.groups) if group.stream is not None]
+
+
+def test_streams_stay_frozen_unless_asked_for():
+    """By default (measured: worse delivered networks with mapped streams on a CIFAR-10 ShuffleNetV2,
+    README) the shuffled stream keeps its width, and the reason names the option that maps it."""
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(weights=None).eval()
+    space = cz.analyze(model, torch.randn(1, 3, 64, 64))
+    assert not streams_of(space) and len(space) == 18
+    reasons = [r for r in space.frozen.values() if "as a channel shuffle does" in r]
+    assert reasons and all("map_shuffles=True" in r for r in reasons)
+    with pytest.raises(cz.ConfigError, match="map_shuffles must be True or False"):
+        cz.analyze(model, torch.randn(1, 3, 64, 64), map_shuffles="yes")
 
 
 def test_each_stage_is_one_stream_slimmed_with_parity_and_exact_cost(shufflenet):
@@ -124,7 +137,7 @@ def test_a_three_way_shuffle_is_mapped_too():
     torch.manual_seed(0)
     model = with_real_statistics(_ThreeWayNet(), size=16)
     example = torch.randn(1, 3, 16, 16)
-    space = freeze_unsliceable(model, cz.analyze(model, example, divisor=1))
+    space = freeze_unsliceable(model, cz.analyze(model, example, divisor=1, map_shuffles=True))
     streams = streams_of(space)
     assert [space.groups[g].name for g in streams] == ["units.0.convs.0.0", "units.1.convs.0.0", "units.2.convs.0.0"]
     configs = [space.random(seed=s) for s in range(4)]
@@ -154,10 +167,10 @@ def test_a_stream_mixed_into_an_add_stays_frozen_with_the_reason():
     torch.manual_seed(0)
     model = with_real_statistics(_MixedStream(), size=16)
     example = torch.randn(1, 3, 16, 16)
-    space = freeze_unsliceable(model, cz.analyze(model, example, divisor=1))
+    space = freeze_unsliceable(model, cz.analyze(model, example, divisor=1, map_shuffles=True))
     assert [space.groups[g].name for g in streams_of(space)] == ["u1.convs.0.0"]
     assert "as a channel shuffle does" in space.frozen["u0.convs.2.0"]
-    assert "found no such mapping" in space.frozen["u0.convs.2.0"]
+    assert "map_shuffles=True" in space.frozen["u0.convs.2.0"]
     assert parity_and_cost(model, space, example, [space.random(seed=s) for s in range(2)]) <= 1e-4
 
 
@@ -167,7 +180,8 @@ def test_compress_delivers_a_shufflenet_with_a_narrower_stream():
     torch.manual_seed(0)
     model = torchvision.models.shufflenet_v2_x0_5(num_classes=4).eval()
     before = snapshot(model)
-    result = cz.compress(model, "flops<=50%", quadrant_data(192, size=32), method="bcnet", supernet_epochs=0.2,
+    result = cz.compress(model, "flops<=50%", quadrant_data(192, size=32), method="bcnet", map_shuffles=True,
+                         supernet_epochs=0.2,
                          finetune_epochs=0, batch_size=32, effort=0.02, seed=0)
     assert result.meets_budget()
     small = result.model.eval()
@@ -182,5 +196,6 @@ def test_broadening_refuses_a_shuffled_stream_before_training():
     compress refuses up front, naming the stream and the fix."""
     model = torchvision.models.shufflenet_v2_x0_5(num_classes=4).eval()
     with pytest.raises(UnsupportedModelError, match="shuffled stream .*broaden=1"):
-        cz.compress(model, "flops<=50%", quadrant_data(64, size=32), method="bsnas", supernet_epochs=0.2,
+        cz.compress(model, "flops<=50%", quadrant_data(64, size=32), method="bsnas", map_shuffles=True,
+                    supernet_epochs=0.2,
                     finetune_epochs=0, batch_size=32, effort=0.02, seed=0)

@@ -201,12 +201,15 @@ def combine(space, stages, tables, bounds, limit=COMBINATIONS):
 def stage_search(net, budget, train_data, val_data, *, options: SWPOptions | None = None, effort: float = 1.0,
                  seed: int = 0, calib_batches: int = 20, max_val_batches: int | None = None, progress: bool = True,
                  metric: str = "top1", seeds=(), anchors=(), final_data=None, output_fn=None, alternate=None,
-                 sides=("left",), records=None, window=None) -> SearchResult:
+                 sides=("left",), records=None, window=None, task=None) -> SearchResult:
     """The stage-wise search (module docstring): search()'s arguments; `options` the method's
-    (default SWPOptions()). `records` (the prior) and `window` are not used: the stage parts are
+    (default SWPOptions()). `task`: None only (SWP's stage losses read class logits: compress
+    refuses it with a task). `records` (the prior) and `window` are not used: the stage parts are
     combined under the budget itself. `final_data`, when given, scores the finalists instead of
     `val_data` (batches the stage ranking never read); `alternate` (other weights of the same
     space) scores them too and a finalist's fitness is the better of the two scores."""
+    if task is not None:
+        raise ConfigError(f"swp's stage search scores class logits: it cannot search for task {task.name!r}")
     options = options or SWPOptions()
     space = net.space
     bounds = constraints(space, budget)
