@@ -18,7 +18,7 @@ images, one supernet and one fine-tuning epoch; the same images and recipe for e
 
     python benchmarks/shuffle_quality.py [--budgets 'flops<=50%;flops<=30%'] [--seeds 0,1,2]
 
-Writes benchmarks/results/shuffle-quality.json after every row and resumes from it; skips (exit 0)
+Writes benchmarks/results/shuffle-quality<tag>.json after every row and resumes from it; skips (exit 0)
 when ../shared/data is absent.
 """
 import argparse
@@ -80,6 +80,8 @@ def main():
     parser.add_argument("--budgets", default="flops<=50%;flops<=30%")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--pretrain-epochs", type=int, default=12)
+    parser.add_argument("--finetune-epochs", type=float, help="compress's fine-tuning epochs (default: the setting's)")
+    parser.add_argument("--tag", default="", help="suffix of the result file, to keep runs apart")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (recorded)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,14 +97,16 @@ def main():
         print(f"skipped: {e}")
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    setting = SETTINGS[args.setting]
+    setting = dict(SETTINGS[args.setting])
+    if args.finetune_epochs is not None:
+        setting["finetune_epochs"] = args.finetune_epochs
     budgets = [b.strip() for b in args.budgets.split(";") if b.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
     x = torch.randn(1, 3, 32, 32)
     base, record = pretrained_shufflenet(args.pretrain_epochs, device)
     full_test = cifar10("test")
     run = {"setting": setting, "pretrain": record, "pretrained_top1_all_10000": accuracy(base, full_test)}
-    name = "shuffle-quality.json"
+    name = f"shuffle-quality{args.tag}.json"
     path = os.path.join(RESULTS, name)
     rows = []
     if os.path.exists(path):
