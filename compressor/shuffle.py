@@ -118,13 +118,13 @@ class _Stubbed:
             first = values[0]
             valid = (values == first).all(0) & (first >= _BASE) & (first < _BASE + len(self.names) * _TAG) \
                 & (first == first.round())
-            self.reads[m] = torch.where(valid, first - _BASE, -1).long().numpy()
-            self.tainted[m] = values.isnan().any(0).numpy()
+            self.reads[m] = torch.where(valid, first - _BASE, -1).long().cpu().numpy()
+            self.tainted[m] = values.isnan().any(0).cpu().numpy()
             shape = list(self.shapes[name])
             shape[0] = x.shape[0]
             channels = self.narrow.get(name, x.shape[dim] if kind.in_dim is None else shape[dim])
             shape[dim] = channels
-            tags = _BASE + m * _TAG + torch.arange(channels, dtype=torch.float64)
+            tags = _BASE + m * _TAG + torch.arange(channels, dtype=torch.float64, device=x.device)
             if name in self.poisoned:
                 tags = torch.full_like(tags, float("nan"))
             view = [1] * len(shape)
