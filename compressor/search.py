@@ -19,7 +19,6 @@ from .samplers import local_moves
 from .searchers import DRAW_BATCH, DRAW_ROUNDS, Evolution, ParetoSelection, Problem, pareto_ranks
 from .space import WidthSpace
 from .supernet import Supernet
-from .tasks import move
 from .batches import check_labels, logits, read_batches
 
 log = logging.getLogger("compressor.search")
@@ -106,9 +105,8 @@ def score_samples(net: Supernet, cfg, side: str, val_data, calib_data, *, calib_
                     break
                 if i % world != rank:
                     continue
-                if task is not None:
-                    batches.append((i, task.samples(net, move(batch, device)).detach().double().cpu().flatten()))
-                    net.eval()  # a task's samples may switch modes (detection: train mode for its losses)
+                if task is not None:  # its per-image scores, modes restored (detection scores in train mode)
+                    batches.append((i, task.sample_scores(net, [batch], device)))
                     continue
                 x, y = batch
                 out = logits(net(x.to(device)), output_fn)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .groups import ChannelGroup, Member
+from .groups import SHUFFLE_MARK, ChannelGroup, Member
 from .layers import kind_of
 from .modes import hooked_forward
 
@@ -48,13 +48,12 @@ class Stream:
     arrangements: dict  # width -> {(module, role): int array of layer indices, slim order}
 
 
-def shuffled_streams(model: nn.Module, example_input: torch.Tensor, groups, frozen: dict, step,
-                     is_shuffle_reason) -> tuple:
+def shuffled_streams(model: nn.Module, example_input: torch.Tensor, groups, frozen: dict, step) -> tuple:
     """(streams, solved): ChannelGroups for the shuffled streams of `model`, and the names of the
     frozen groups they replace. Only runs where some frozen group's reason is a channel shuffle
-    (`is_shuffle_reason(reason)`); a stream that cannot be mapped stays frozen (empty result).
+    (SHUFFLE_MARK); a stream that cannot be mapped stays frozen (empty result).
     `step(size)`: the divisor whose multiples the chosen widths should include."""
-    roots = {name for name, reason in frozen.items() if is_shuffle_reason(reason)}
+    roots = {name for name, reason in frozen.items() if SHUFFLE_MARK in reason}
     if not roots:
         return [], set()
     try:

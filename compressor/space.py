@@ -12,7 +12,7 @@ from torch import nn
 from .cost import CostModel
 from .errors import ConfigError, UnsupportedModelError
 from .heads import check_supported
-from .groups import SHUFFLE_MARK, build_graph, find_groups, graph_time_limit, run_checked
+from .groups import build_graph, find_groups, graph_time_limit, run_checked
 from .shuffle import shuffled_streams
 from .placement import is_placement, kept as placement_kept, parse as parse_placement
 
@@ -475,8 +475,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, bins: int = 20, divis
         raise ConfigError(f"map_shuffles must be True or False, got {map_shuffles!r}")
     if map_shuffles:
         streams, solved = shuffled_streams(work, example_input, groups, frozen,
-                                           lambda n: auto_divisor(n) if divisor == "auto" else divisor,
-                                           lambda reason: SHUFFLE_MARK in reason)
+                                           lambda n: auto_divisor(n) if divisor == "auto" else divisor)
         groups = groups + streams
         frozen = {name: reason for name, reason in frozen.items() if name not in solved}
     if not groups:

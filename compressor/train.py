@@ -24,7 +24,6 @@ from .checkpoint import resume, rng_state, set_rng_state
 from .files import atomic_torch_save, check_writable
 from .losses import kd
 from .methods import get_method
-from .methods.base import default_loss
 from .progress import Progress
 from .run_identity import run_identity, weights_hash
 from .supernet import Supernet
@@ -150,7 +149,7 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
     anchors its draws move around. `sides`: the sides each step trains (None: the method's).
     `task` (compressor.tasks, other than classification): each subnet's loss is task.loss(model,
     batch) on the batches as the data yields them (no labels checked, no teacher); only a method
-    with the default loss and forward can train with it.
+    whose Method.tasks is true (its loss reads no class logits) can train with it.
     """
     if not isinstance(net, Supernet):
         raise ConfigError(f"net must be a cz.supernet(...), got {type(net).__name__}")
@@ -159,7 +158,7 @@ def train_supernet(net: Supernet, train_data, *, method="bcnet", method_options=
         raise ConfigError(f"method {spec.name!r} does not train a supernet: use compress(method={spec.name!r})")
     options = spec.parse_options(method_options)
     method = spec.name
-    if task is not None and (spec.loss is not default_loss or spec.forward is not None or teacher is not None):
+    if task is not None and (not spec.tasks or teacher is not None):
         raise ConfigError(f"method {method!r} cannot train with task {task.name!r}: its loss reads class logits "
                           f"{'(a teacher distils them)' if teacher is not None else ''}; use bcnet, mctnas, cafenet or "
                           f"bsnas, without a teacher")
